@@ -1,0 +1,260 @@
+//! The admin commands: migrate, enqueue, list, inspect, stats.
+
+use anyhow::{Context, bail};
+use bizq::db::{self, PoolSettings};
+use bizq::lifecycle::{self, NewTask};
+use clap::Args;
+use serde_json::Value;
+use sqlx::{PgPool, Row};
+use uuid::Uuid;
+
+pub async fn pool(url: &str) -> anyhow::Result<PgPool> {
+    let pool = db::connect(
+        url,
+        &PoolSettings {
+            application_name: "bizq".into(),
+            max_connections: 4,
+            dependency_failure: Default::default(),
+        },
+    )
+    .await
+    .context("connecting to PostgreSQL")?;
+    Ok(pool)
+}
+
+pub async fn migrate(url: &str) -> anyhow::Result<()> {
+    let pool = pool(url).await?;
+    let before: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_tables WHERE tablename = '_sqlx_migrations'",
+    )
+    .fetch_one(&pool)
+    .await?;
+    let applied_before: Vec<i64> = if before > 0 {
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
+            .fetch_all(&pool)
+            .await?
+    } else {
+        Vec::new()
+    };
+    db::migrate(&pool).await?;
+    let mut n = 0;
+    for m in db::MIGRATOR.iter() {
+        if !applied_before.contains(&m.version) {
+            println!("applied {:04} {}", m.version, m.description);
+            n += 1;
+        }
+    }
+    if n == 0 {
+        println!("schema is current ({} migrations); nothing to do", db::MIGRATOR.iter().count());
+    }
+    Ok(())
+}
+
+/// `bizq enqueue`.
+#[derive(Args, Debug)]
+pub struct EnqueueArgs {
+    /// Workspace slug or id.
+    #[arg(long, short)]
+    workspace: String,
+    /// Task type.
+    #[arg(long = "type", short = 't', default_value = "ai.generate")]
+    task_type: String,
+    /// Input JSON, e.g. '{"prompt": "Write a tagline"}'.
+    #[arg(long, short)]
+    input: String,
+    /// 1 runs first, 10 last.
+    #[arg(long, short, default_value_t = 5)]
+    priority: i32,
+    /// Task ids this one waits for, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    depends_on: Vec<Uuid>,
+    /// Do not run before this time (RFC 3339).
+    #[arg(long)]
+    at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Estimated cost in credits (reserved at claim).
+    #[arg(long)]
+    estimated_cost: Option<i32>,
+    /// Task name.
+    #[arg(long, default_value = "cli task")]
+    name: String,
+    /// Category.
+    #[arg(long, default_value = "content")]
+    category: String,
+}
+
+async fn workspace_id(pool: &PgPool, slug_or_id: &str) -> anyhow::Result<Uuid> {
+    let id: Option<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM workspaces WHERE slug = $1 OR id::text = $1 LIMIT 1",
+    )
+    .bind(slug_or_id.to_string())
+    .fetch_optional(pool)
+    .await?;
+    id.with_context(|| format!("no workspace with slug or id '{slug_or_id}'"))
+}
+
+pub async fn enqueue(pool: &PgPool, a: EnqueueArgs) -> anyhow::Result<()> {
+    let input: Value = serde_json::from_str(&a.input).context("--input is not valid JSON")?;
+    if !(1..=10).contains(&a.priority) {
+        bail!("--priority must be between 1 (first) and 10 (last)");
+    }
+    let task = NewTask {
+        workspace_id: workspace_id(pool, &a.workspace).await?,
+        task_type: a.task_type,
+        category: a.category,
+        name: a.name,
+        input,
+        priority: a.priority,
+        depends_on: a.depends_on,
+        scheduled_for: a.at,
+        estimated_cost: a.estimated_cost,
+        worker_type: None,
+        ai_provider: None,
+        max_attempts: None,
+    };
+    let id = lifecycle::enqueue(pool, &task).await?;
+    println!("{id}");
+    Ok(())
+}
+
+/// `bizq list`.
+#[derive(Args, Debug)]
+pub struct ListArgs {
+    /// Only this status (pending, queued, processing, completed, failed, cancelled, escalated).
+    #[arg(long, short)]
+    status: Option<String>,
+    /// Only this workspace (slug or id).
+    #[arg(long, short)]
+    workspace: Option<String>,
+    /// Only this task type.
+    #[arg(long = "type", short = 't')]
+    task_type: Option<String>,
+    /// Rows to show.
+    #[arg(long, short = 'n', default_value_t = 20)]
+    limit: i64,
+}
+
+pub async fn list(pool: &PgPool, a: ListArgs) -> anyhow::Result<()> {
+    let ws = match &a.workspace {
+        Some(w) => Some(workspace_id(pool, w).await?),
+        None => None,
+    };
+    let rows = sqlx::query(
+        "SELECT id, type, status, priority, attempt, created_at,
+                COALESCE(wait_reason, error_details ->> 'code', '') AS note
+           FROM tasks
+          WHERE ($1::text IS NULL OR status = $1)
+            AND ($2::uuid IS NULL OR workspace_id = $2)
+            AND ($3::text IS NULL OR type = $3)
+          ORDER BY created_at DESC
+          LIMIT $4",
+    )
+    .bind(a.status)
+    .bind(ws)
+    .bind(a.task_type)
+    .bind(a.limit)
+    .fetch_all(pool)
+    .await?;
+    println!("{:<36}  {:<16} {:<10} {:>3} {:>3}  {:<19}  note", "id", "type", "status", "pri", "att", "created");
+    for r in rows {
+        let created: chrono::DateTime<chrono::Utc> = r.try_get("created_at")?;
+        println!(
+            "{:<36}  {:<16} {:<10} {:>3} {:>3}  {:<19}  {}",
+            r.try_get::<Uuid, _>("id")?,
+            r.try_get::<String, _>("type")?,
+            r.try_get::<String, _>("status")?,
+            r.try_get::<i32, _>("priority")?,
+            r.try_get::<i32, _>("attempt")?,
+            created.format("%Y-%m-%d %H:%M:%S"),
+            r.try_get::<String, _>("note")?,
+        );
+    }
+    Ok(())
+}
+
+pub async fn inspect(pool: &PgPool, id: Uuid) -> anyhow::Result<()> {
+    let row = sqlx::query(
+        "SELECT t.id, t.workspace_id, w.slug, t.type, t.name, t.status, t.priority, t.attempt,
+                t.max_attempts, t.worker_type, t.locked_by, t.lease_expires_at, t.wait_reason,
+                t.depends_on, t.deps_remaining, t.scheduled_for, t.created_at, t.started_at,
+                t.completed_at, t.processing_time_ms, t.estimated_cost, t.actual_cost,
+                t.reserved_credits, t.ai_provider, t.ai_model, t.input, t.output,
+                t.error_details, t.cost_breakdown
+           FROM tasks t
+           JOIN workspaces w ON w.id = t.workspace_id
+          WHERE t.id = $1",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await?
+    .with_context(|| format!("task {id} not found"))?;
+    fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
+        v.map_or("-".into(), |v| v.to_string())
+    }
+    let ts = |c: &str| -> anyhow::Result<String> {
+        Ok(opt(row.try_get::<Option<chrono::DateTime<chrono::Utc>>, _>(c)?))
+    };
+    println!("task           {}", row.try_get::<Uuid, _>("id")?);
+    println!("workspace      {} ({})", row.try_get::<String, _>("slug")?, row.try_get::<Uuid, _>("workspace_id")?);
+    println!("type / name    {} / {}", row.try_get::<String, _>("type")?, row.try_get::<String, _>("name")?);
+    println!("status         {}", row.try_get::<String, _>("status")?);
+    println!("wait reason    {}", opt(row.try_get::<Option<String>, _>("wait_reason")?));
+    println!("priority       {}", row.try_get::<i32, _>("priority")?);
+    println!("attempt        {} (max {})", row.try_get::<i32, _>("attempt")?, opt(row.try_get::<Option<i32>, _>("max_attempts")?));
+    println!("worker         {} ({}), lease until {}", opt(row.try_get::<Option<String>, _>("locked_by")?), opt(row.try_get::<Option<String>, _>("worker_type")?), ts("lease_expires_at")?);
+    let deps: Option<Vec<Uuid>> = row.try_get("depends_on")?;
+    let deps = deps.unwrap_or_default();
+    println!("depends on     {} ({} unfinished)", if deps.is_empty() { "-".to_string() } else { deps.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ") }, opt(row.try_get::<Option<i32>, _>("deps_remaining")?));
+    println!("scheduled for  {}", ts("scheduled_for")?);
+    println!("created        {}", ts("created_at")?);
+    println!("started        {}", ts("started_at")?);
+    println!("completed      {}", ts("completed_at")?);
+    println!("time           {} ms", opt(row.try_get::<Option<i32>, _>("processing_time_ms")?));
+    println!("cost           estimated {}, actual {}, reserved {}", opt(row.try_get::<Option<i32>, _>("estimated_cost")?), opt(row.try_get::<Option<i32>, _>("actual_cost")?), row.try_get::<i32, _>("reserved_credits")?);
+    println!("provider/model {} / {}", opt(row.try_get::<Option<String>, _>("ai_provider")?), opt(row.try_get::<Option<String>, _>("ai_model")?));
+    for col in ["input", "output", "error_details", "cost_breakdown"] {
+        let v: Option<Value> = row.try_get(col)?;
+        println!("{col}:\n{}", v.map_or("  -".to_string(), |v| serde_json::to_string_pretty(&v).unwrap_or_default()));
+    }
+    Ok(())
+}
+
+pub async fn stats(pool: &PgPool) -> anyhow::Result<()> {
+    let rows = sqlx::query("SELECT status, count(*) AS n FROM tasks GROUP BY status ORDER BY status")
+        .fetch_all(pool)
+        .await?;
+    println!("tasks by status:");
+    for r in rows {
+        println!("  {:<11} {:>9}", r.try_get::<String, _>("status")?, r.try_get::<i64, _>("n")?);
+    }
+    let row = sqlx::query(
+        "SELECT (SELECT EXTRACT(EPOCH FROM now() - min(created_at))::float8 FROM tasks WHERE status = 'queued') AS oldest_queued_s,
+                (SELECT count(*) FROM tasks WHERE status = 'completed' AND completed_at > now() - interval '1 minute') AS done_1m,
+                (SELECT count(*) FROM tasks WHERE status = 'pending' AND wait_reason IS NOT NULL) AS parked,
+                (SELECT count(*) FROM tasks WHERE status = 'pending' AND deps_remaining > 0) AS blocked",
+    )
+    .fetch_one(pool)
+    .await?;
+    println!("oldest queued task waits: {}", row.try_get::<Option<f64>, _>("oldest_queued_s")?.map_or("-".into(), |s| format!("{s:.1} s")));
+    println!("completed in the last minute: {}", row.try_get::<i64, _>("done_1m")?);
+    println!("pending on dependencies: {}", row.try_get::<i64, _>("blocked")?);
+    println!("parked (workspace cannot pay / not active): {}", row.try_get::<i64, _>("parked")?);
+    let ws = sqlx::query(
+        "SELECT slug, plan, credits_balance, credits_reserved, credits_used_this_month, monthly_credit_limit
+           FROM workspaces ORDER BY slug LIMIT 20",
+    )
+    .fetch_all(pool)
+    .await?;
+    println!("workspaces (balance / reserved / used this month / monthly limit):");
+    for r in ws {
+        println!(
+            "  {:<24} {:<10} {:>8} / {:>6} / {:>8} / {:>8}",
+            r.try_get::<String, _>("slug")?,
+            r.try_get::<String, _>("plan")?,
+            r.try_get::<i32, _>("credits_balance")?,
+            r.try_get::<i32, _>("credits_reserved")?,
+            r.try_get::<Option<i32>, _>("credits_used_this_month")?.unwrap_or(0),
+            r.try_get::<Option<i32>, _>("monthly_credit_limit")?.map_or("-".into(), |v| v.to_string()),
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,26 @@
+//! The library's error type.
+
+/// Everything the engine can fail with. Messages never contain credentials or API keys.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("configuration error: {0}")]
+    Config(String),
+    #[error("task {0} not found")]
+    TaskNotFound(uuid::Uuid),
+    #[error("task {id} is {status}; {action} needs it to be {expected}")]
+    WrongStatus {
+        id: uuid::Uuid,
+        status: String,
+        action: &'static str,
+        expected: &'static str,
+    },
+    #[error("invalid task: {0}")]
+    InvalidTask(String),
+}
+
+/// Result with the engine's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,108 @@
+//! Periodic upkeep run by one scheduler at a time: analytics partitions for the coming
+//! months, the monthly reset of `credits_used_this_month`, dependency edges no longer needed,
+//! and rebuilding a queue index that bloated.
+
+use sqlx::{PgPool, Row};
+
+use crate::Result;
+use crate::config::SchedulerConfig;
+
+/// What one housekeeping run did.
+#[derive(Debug, Default, Clone)]
+pub struct HousekeepingReport {
+    pub partitions_created: i32,
+    pub workspaces_reset: u64,
+    pub edges_deleted: u64,
+    pub indexes_rebuilt: Vec<String>,
+}
+
+/// Key of the advisory lock that makes housekeeping single-flight across schedulers.
+const LOCK_KEY: i64 = 0x6269_7a71_686b; // "bizqhk"
+
+/// Runs housekeeping unless another scheduler is already doing it (then `Ok(None)`).
+pub async fn run(pool: &PgPool, config: &SchedulerConfig) -> Result<Option<HousekeepingReport>> {
+    let mut conn = pool.acquire().await?;
+    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(LOCK_KEY)
+        .fetch_one(&mut *conn)
+        .await?;
+    if !got {
+        return Ok(None);
+    }
+    let result = run_locked(&mut conn, config).await;
+    let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(LOCK_KEY)
+        .execute(&mut *conn)
+        .await;
+    result.map(Some)
+}
+
+async fn run_locked(conn: &mut sqlx::PgConnection, config: &SchedulerConfig) -> Result<HousekeepingReport> {
+    let mut report = HousekeepingReport {
+        partitions_created: sqlx::query_scalar("SELECT ensure_analytics_partitions($1)")
+            .bind(config.partitions_ahead)
+            .fetch_one(&mut *conn)
+            .await?,
+        ..Default::default()
+    };
+    report.workspaces_reset = reset_monthly_credits(&mut *conn).await?;
+    report.edges_deleted = sqlx::query(
+        "DELETE FROM task_dependencies d
+          USING tasks t
+          WHERE t.id = d.task_id
+            AND t.status IN ('completed', 'failed', 'cancelled')",
+    )
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    report.indexes_rebuilt = rebuild_bloated_queue_indexes(&mut *conn).await?;
+    Ok(report)
+}
+
+/// Resets `credits_used_this_month` for every workspace whose month (in its own timezone)
+/// has turned since its last reset.
+pub async fn reset_monthly_credits(conn: &mut sqlx::PgConnection) -> Result<u64> {
+    let done = sqlx::query(
+        "UPDATE workspaces
+            SET credits_used_this_month = 0,
+                credits_month_start = bizq_month_start(timezone)
+          WHERE credits_month_start < bizq_month_start(timezone)",
+    )
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// The queue's partial indexes hold only live work, but a burst of millions of tasks leaves
+/// them full of empty pages that autovacuum does not give back. When one is over 64 MB and
+/// more than 20 times what its live entries need, rebuild it without blocking the fleet.
+async fn rebuild_bloated_queue_indexes(conn: &mut sqlx::PgConnection) -> Result<Vec<String>> {
+    let rows = sqlx::query(
+        "SELECT c.relname AS name, pg_relation_size(c.oid) AS bytes
+           FROM pg_class c
+          WHERE c.relkind = 'i'
+            AND c.relname IN ('idx_tasks_admit', 'idx_tasks_promote', 'idx_tasks_claim',
+                              'idx_tasks_lease', 'idx_tasks_credit_wait')
+            AND pg_relation_size(c.oid) > 64 * 1024 * 1024",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut rebuilt = Vec::new();
+    for r in rows {
+        let name: String = r.try_get("name")?;
+        let bytes: i64 = r.try_get("bytes")?;
+        let live: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM tasks
+              WHERE status IN ('pending', 'queued', 'processing')",
+        )
+        .fetch_one(&mut *conn)
+        .await?;
+        if bytes > 20 * (live * 64 + 1024 * 1024) {
+            // The name comes from the fixed list above, never from input.
+            let sql = format!("REINDEX INDEX CONCURRENTLY {name}");
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut *conn).await?;
+            rebuilt.push(name);
+        }
+    }
+    Ok(rebuilt)
+}

@@ -1,0 +1,28 @@
+//! BizQ engine: a multi-tenant task queue on PostgreSQL.
+//!
+//! Product code inserts rows into `tasks`; a fleet of schedulers and workers carries each one
+//! to a terminal state. The crate is laid out the way a task travels:
+//!
+//! - [`db`]: connecting, and the embedded schema migrations.
+//! - [`lifecycle`]: every status change of a task, each one named function beside its SQL.
+//! - [`scheduler`]: admits new tasks, promotes due ones, reclaims expired leases, housekeeping.
+//! - [`worker`]: claims tasks, runs handlers, heartbeats leases, writes results in batches.
+//! - [`handlers`]: what each task type does and what input it needs.
+//! - [`providers`]: the AI providers behind the handlers (a built-in `mock` for now).
+//! - [`retry`]: how long a failed attempt waits before the next one.
+//! - [`config`]: the settings every binary reads.
+
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod handlers;
+pub mod housekeeping;
+pub mod lifecycle;
+pub mod providers;
+pub mod retry;
+pub mod scheduler;
+pub mod worker;
+
+pub use config::Config;
+pub use error::{Error, Result};
+pub mod signals;

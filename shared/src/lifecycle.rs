@@ -1,0 +1,915 @@
+//! Every status change of a task, each one named function with its SQL beside it.
+//!
+//! ```text
+//!            insert (product code, `enqueue`)
+//!                 │
+//!              pending ──admit──► failed      (unknown type, missing/foreign dependency, cycle)
+//!                 │      admit──► escalated   (human task, estimated cost over the workspace's max)
+//!                 │      admit──► cancelled   (a dependency already failed or was cancelled)
+//!                 │ admit / promote (due, dependencies completed, not parked)
+//!                 ▼
+//!              queued ◄──────────── reclaim (lease expired, attempts left) / release (shutdown)
+//!                 │ claim (priority, age; credits reserved)     │
+//!                 │         └──► pending, parked (workspace cannot pay)   ──unpark──► pending
+//!                 ▼                                               │
+//!            processing ──heartbeat──► processing (lease extended)
+//!                 │──complete──► completed  (credit-deduction trigger charges actual_cost)
+//!                 │──fail──────► pending    (transient error, attempts left, backoff)
+//!                 │──fail──────► failed     (permanent error or attempts exhausted)
+//!                 └──cancel────► cancelled  (its worker is told to abort; nothing charged)
+//! ```
+//!
+//! Invariants kept here and in migration 0006:
+//! - Every worker write is fenced on `lease_token` and `status = 'processing'`: a worker that
+//!   lost its lease cannot complete, fail or release the task; its late result is dropped.
+//! - Credits are reserved at claim (`workspaces.credits_reserved`) and released by trigger when
+//!   the task leaves `processing`; the charge happens in the completion's transaction.
+//! - Dependents of a task are resolved by trigger when it completes, fails or is cancelled.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use sqlx::{PgPool, Row};
+use uuid::Uuid;
+
+use crate::config::DependencyFailurePolicy;
+use crate::{Error, Result};
+
+/// Channel the scheduler listens on: new or unblocked pending tasks.
+pub const CHANNEL_PENDING: &str = "bizq_pending";
+/// Channel workers listen on: tasks became claimable.
+pub const CHANNEL_QUEUED: &str = "bizq_queued";
+/// Channel workers listen on: payload is the id of a processing task that was cancelled.
+pub const CHANNEL_CANCEL: &str = "bizq_cancel";
+
+/// A task as product code creates it. Everything not named here takes the schema's default.
+#[derive(Debug, Clone)]
+pub struct NewTask {
+    pub workspace_id: Uuid,
+    pub task_type: String,
+    pub category: String,
+    pub name: String,
+    pub input: Value,
+    pub priority: i32,
+    pub depends_on: Vec<Uuid>,
+    pub scheduled_for: Option<chrono::DateTime<chrono::Utc>>,
+    pub estimated_cost: Option<i32>,
+    pub worker_type: Option<String>,
+    pub ai_provider: Option<String>,
+    pub max_attempts: Option<i32>,
+}
+
+impl NewTask {
+    /// An `ai.generate` task with the given prompt, priority 5.
+    pub fn generate(workspace_id: Uuid, prompt: &str) -> Self {
+        Self {
+            workspace_id,
+            task_type: "ai.generate".into(),
+            category: "content".into(),
+            name: "generate".into(),
+            input: json!({ "prompt": prompt }),
+            priority: 5,
+            depends_on: Vec::new(),
+            scheduled_for: None,
+            estimated_cost: None,
+            worker_type: None,
+            ai_provider: None,
+            max_attempts: None,
+        }
+    }
+}
+
+/// Inserts a task as `pending`, exactly as product code would with plain SQL.
+pub async fn enqueue(pool: &PgPool, task: &NewTask) -> Result<Uuid> {
+    let id: Uuid = sqlx::query_scalar(
+        "INSERT INTO tasks (workspace_id, type, category, name, input, priority, depends_on,
+                            scheduled_for, estimated_cost, worker_type, ai_provider, max_attempts)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, COALESCE($10, 'ai'), $11, $12)
+         RETURNING id",
+    )
+    .bind(task.workspace_id)
+    .bind(task.task_type.clone())
+    .bind(task.category.clone())
+    .bind(task.name.clone())
+    .bind(task.input.clone())
+    .bind(task.priority)
+    .bind(task.depends_on.clone())
+    .bind(task.scheduled_for)
+    .bind(task.estimated_cost)
+    .bind(task.worker_type.clone())
+    .bind(task.ai_provider.clone())
+    .bind(task.max_attempts)
+    .fetch_one(pool)
+    .await?;
+    Ok(id)
+}
+
+/// What one admission pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct AdmitReport {
+    pub queued: u64,
+    pub waiting: u64,
+    pub rejected: u64,
+    pub escalated: u64,
+    pub cancelled: u64,
+    /// Left for the next pass because a dependency row was locked by another transaction.
+    pub deferred: u64,
+}
+
+impl AdmitReport {
+    pub fn handled(&self) -> u64 {
+        self.queued + self.waiting + self.rejected + self.escalated + self.cancelled
+    }
+}
+
+/// The verdict of admission on one task.
+enum Verdict {
+    /// No unfinished dependency: `queued` if due, else `pending` until `promote`.
+    Ready,
+    /// Waits for this many unfinished dependencies.
+    Blocked(Vec<Uuid>),
+    Reject(Value),
+    Escalate(Value),
+    /// A dependency already failed or was cancelled.
+    DependencyFailed(Value),
+}
+
+/// **Admit** (scheduler): checks new `pending` tasks once — type known, dependencies exist in
+/// the same workspace and form no cycle, escalation rules — and records how many unfinished
+/// dependencies each waits for. Tasks with none and due now go straight to `queued`; the
+/// others stay `pending`, out of every claim index, until `promote`.
+///
+/// Rows are taken with `FOR UPDATE SKIP LOCKED`, so schedulers run side by side. Dependency
+/// rows are locked the same way (`SKIP LOCKED`); a task whose dependency is locked right now
+/// is deferred to the next pass, which rules out deadlocks between schedulers. Taking that
+/// lock before counting is what makes counting race-free against a dependency completing at
+/// the same moment: either its completion committed first (and we see `completed`), or its
+/// trigger waits for our edges and decrements the count we wrote.
+pub async fn admit(
+    pool: &PgPool,
+    batch: i64,
+    known_types: &[&str],
+    policy: DependencyFailurePolicy,
+) -> Result<AdmitReport> {
+    let mut tx = pool.begin().await?;
+    let rows = sqlx::query(
+        "SELECT t.id, t.workspace_id, t.type, t.worker_type, t.estimated_cost, t.depends_on,
+                CASE WHEN jsonb_typeof(w.ai_preferences -> 'max_task_cost') = 'number'
+                     THEN (w.ai_preferences ->> 'max_task_cost')::float8 END AS max_task_cost
+           FROM tasks t
+           JOIN workspaces w ON w.id = t.workspace_id
+          WHERE t.status = 'pending'
+            AND t.deps_remaining IS NULL
+          ORDER BY t.created_at
+          LIMIT $1
+            FOR UPDATE OF t SKIP LOCKED",
+    )
+    .bind(batch)
+    .fetch_all(&mut *tx)
+    .await?;
+    if rows.is_empty() {
+        return Ok(AdmitReport::default());
+    }
+
+    struct Candidate {
+        id: Uuid,
+        workspace_id: Uuid,
+        task_type: String,
+        worker_type: Option<String>,
+        estimated_cost: Option<i32>,
+        depends_on: Vec<Uuid>,
+        max_task_cost: Option<f64>,
+    }
+    let mut candidates = Vec::with_capacity(rows.len());
+    for r in rows {
+        let mut deps: Vec<Uuid> = r.try_get::<Option<Vec<Uuid>>, _>("depends_on")?.unwrap_or_default();
+        deps.sort();
+        deps.dedup();
+        candidates.push(Candidate {
+            id: r.try_get("id")?,
+            workspace_id: r.try_get("workspace_id")?,
+            task_type: r.try_get("type")?,
+            worker_type: r.try_get("worker_type")?,
+            estimated_cost: r.try_get("estimated_cost")?,
+            depends_on: deps,
+            max_task_cost: r.try_get("max_task_cost")?,
+        });
+    }
+
+    // Lock every dependency of the batch (skipping rows locked elsewhere) and read its
+    // latest status. `has_dependents` tells the completion trigger it has work to do.
+    let mut all_deps: Vec<Uuid> = candidates.iter().flat_map(|c| c.depends_on.iter().copied()).collect();
+    all_deps.sort();
+    all_deps.dedup();
+    let mut dep_state: std::collections::HashMap<Uuid, (String, Uuid)> = Default::default();
+    let mut dep_exists_locked: std::collections::HashSet<Uuid> = Default::default();
+    if !all_deps.is_empty() {
+        let locked = sqlx::query(
+            "UPDATE tasks t
+                SET has_dependents = TRUE
+              WHERE t.id IN (SELECT id FROM tasks WHERE id = ANY($1) FOR UPDATE SKIP LOCKED)
+             RETURNING t.id, t.status, t.workspace_id",
+        )
+        .bind(all_deps.clone())
+        .fetch_all(&mut *tx)
+        .await?;
+        for r in locked {
+            dep_state.insert(r.try_get("id")?, (r.try_get("status")?, r.try_get("workspace_id")?));
+        }
+        let unseen: Vec<Uuid> = all_deps.iter().filter(|d| !dep_state.contains_key(d)).copied().collect();
+        if !unseen.is_empty() {
+            let existing: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM tasks WHERE id = ANY($1)")
+                .bind(unseen)
+                .fetch_all(&mut *tx)
+                .await?;
+            dep_exists_locked.extend(existing);
+        }
+    }
+
+    // Cycle check over `depends_on`, walking only through unfinished tasks.
+    let roots: Vec<Uuid> = candidates.iter().filter(|c| !c.depends_on.is_empty()).map(|c| c.id).collect();
+    let in_cycle: std::collections::HashSet<Uuid> = if roots.is_empty() {
+        Default::default()
+    } else {
+        sqlx::query_scalar(
+            "WITH RECURSIVE walk(root, id) AS (
+                 SELECT r.root, d.dep
+                   FROM unnest($1::uuid[]) AS r(root)
+                   JOIN tasks t ON t.id = r.root
+                  CROSS JOIN LATERAL unnest(t.depends_on) AS d(dep)
+               UNION
+                 SELECT w.root, d.dep
+                   FROM walk w
+                   JOIN tasks t ON t.id = w.id
+                  CROSS JOIN LATERAL unnest(t.depends_on) AS d(dep)
+                  WHERE w.id <> w.root
+                    AND t.status <> 'completed'
+             )
+             SELECT DISTINCT root FROM walk WHERE id = root",
+        )
+        .bind(roots)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect()
+    };
+
+    let mut report = AdmitReport::default();
+    let mut ids = Vec::new();
+    let mut kinds: Vec<&'static str> = Vec::new();
+    let mut remaining: Vec<i32> = Vec::new();
+    let mut details: Vec<Option<Value>> = Vec::new();
+    let mut edge_task = Vec::new();
+    let mut edge_dep = Vec::new();
+    for c in &candidates {
+        let verdict = if !known_types.contains(&c.task_type.as_str()) {
+            Verdict::Reject(json!({
+                "message": format!("unknown task type '{}' (known: {})", c.task_type, known_types.join(", ")),
+                "code": "unknown_task_type", "attempt": 0,
+            }))
+        } else if c.depends_on.contains(&c.id) || in_cycle.contains(&c.id) {
+            Verdict::Reject(json!({
+                "message": "depends_on forms a cycle: this task (indirectly) depends on itself",
+                "code": "dependency_cycle", "attempt": 0,
+            }))
+        } else if c.depends_on.iter().any(|d| dep_exists_locked.contains(d)) {
+            report.deferred += 1;
+            continue;
+        } else if let Some(missing) = c.depends_on.iter().find(|d| match dep_state.get(d) {
+            None => true,
+            Some((_, ws)) => *ws != c.workspace_id,
+        }) {
+            Verdict::Reject(json!({
+                "message": format!("depends_on names task {missing}, which does not exist in this workspace"),
+                "code": "missing_dependency", "dependency": missing, "attempt": 0,
+            }))
+        } else if c.worker_type.as_deref() == Some("human") {
+            Verdict::Escalate(json!({
+                "message": "worker_type is 'human': waiting for a person",
+                "code": "human_task", "attempt": 0,
+            }))
+        } else if let (Some(cost), Some(max)) = (c.estimated_cost, c.max_task_cost)
+            && f64::from(cost) > max
+        {
+            Verdict::Escalate(json!({
+                "message": format!("estimated cost {cost} exceeds the workspace's max_task_cost {max}"),
+                "code": "over_max_task_cost", "estimated_cost": cost, "attempt": 0,
+            }))
+        } else if let Some((dep, (status, _))) = c
+            .depends_on
+            .iter()
+            .filter_map(|d| dep_state.get(d).map(|s| (d, s)))
+            .find(|(_, (s, _))| s == "failed" || s == "cancelled")
+        {
+            Verdict::DependencyFailed(json!({
+                "message": format!("dependency {dep} {status}"),
+                "code": format!("dependency_{status}"), "dependency": dep,
+                "dependency_status": status, "attempt": 0,
+            }))
+        } else {
+            let open: Vec<Uuid> = c
+                .depends_on
+                .iter()
+                .filter(|d| dep_state.get(d).is_some_and(|(s, _)| s != "completed"))
+                .copied()
+                .collect();
+            if open.is_empty() { Verdict::Ready } else { Verdict::Blocked(open) }
+        };
+        ids.push(c.id);
+        match verdict {
+            Verdict::Ready => {
+                kinds.push("ready");
+                remaining.push(0);
+                details.push(None);
+            }
+            Verdict::Blocked(open) => {
+                report.waiting += 1;
+                kinds.push("blocked");
+                remaining.push(open.len() as i32);
+                details.push(None);
+                for d in open {
+                    edge_task.push(c.id);
+                    edge_dep.push(d);
+                }
+            }
+            Verdict::Reject(d) => {
+                report.rejected += 1;
+                kinds.push("failed");
+                remaining.push(0);
+                details.push(Some(d));
+            }
+            Verdict::Escalate(d) => {
+                report.escalated += 1;
+                kinds.push("escalated");
+                remaining.push(0);
+                details.push(Some(d));
+            }
+            Verdict::DependencyFailed(d) => {
+                let kind = match policy {
+                    DependencyFailurePolicy::Cancel => {
+                        report.cancelled += 1;
+                        "cancelled"
+                    }
+                    DependencyFailurePolicy::Escalate => {
+                        report.escalated += 1;
+                        "escalated"
+                    }
+                };
+                kinds.push(kind);
+                remaining.push(0);
+                details.push(Some(d));
+            }
+        }
+    }
+
+    // Edges first, so that a task failing in this same statement cascades to dependents
+    // admitted alongside it.
+    if !edge_task.is_empty() {
+        sqlx::query(
+            "INSERT INTO task_dependencies (task_id, depends_on_id)
+             SELECT task_id, depends_on_id FROM unnest($1::uuid[], $2::uuid[]) AS e(task_id, depends_on_id)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(edge_task)
+        .bind(edge_dep)
+        .execute(&mut *tx)
+        .await?;
+    }
+    let kinds: Vec<String> = kinds.into_iter().map(String::from).collect();
+    let queued: i64 = sqlx::query_scalar(
+        "WITH verdict AS (
+             SELECT id, kind, deps, details
+               FROM unnest($1::uuid[], $2::text[], $3::int[], $4::jsonb[]) AS v(id, kind, deps, details)
+         ),
+         admitted AS (
+             UPDATE tasks t
+                SET deps_remaining = v.deps,
+                    status = CASE
+                               WHEN v.kind = 'ready'
+                                    AND COALESCE(t.scheduled_for, '-infinity') <= now() THEN 'queued'
+                               WHEN v.kind IN ('ready', 'blocked') THEN 'pending'
+                               ELSE v.kind
+                             END,
+                    error_details = COALESCE(v.details, t.error_details),
+                    completed_at = CASE WHEN v.kind IN ('failed', 'cancelled') THEN now() ELSE t.completed_at END
+               FROM verdict v
+              WHERE t.id = v.id
+             RETURNING t.status
+         )
+         SELECT count(*) FILTER (WHERE status = 'queued') FROM admitted",
+    )
+    .bind(ids)
+    .bind(kinds)
+    .bind(remaining)
+    .bind(details)
+    .fetch_one(&mut *tx)
+    .await?;
+    report.queued = queued as u64;
+    if queued > 0 {
+        notify(&mut tx, CHANNEL_QUEUED).await?;
+    }
+    tx.commit().await?;
+    Ok(report)
+}
+
+async fn notify(conn: &mut sqlx::PgConnection, channel: &'static str) -> Result<()> {
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(channel)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// **Promote** (scheduler): admitted `pending` tasks that are due, whose dependencies all
+/// completed and that are not parked become `queued`. `FOR UPDATE SKIP LOCKED` lets several
+/// schedulers promote side by side; the range scan on the due time stops at `now()`, so tasks
+/// scheduled for later cost nothing.
+pub async fn promote(pool: &PgPool, batch: i64) -> Result<u64> {
+    let promoted: i64 = sqlx::query_scalar(
+        "WITH due AS (
+             SELECT id
+               FROM tasks
+              WHERE status = 'pending'
+                AND deps_remaining = 0
+                AND wait_reason IS NULL
+                AND COALESCE(scheduled_for, '-infinity'::timestamptz) <= now()
+              ORDER BY COALESCE(scheduled_for, '-infinity'::timestamptz)
+              LIMIT $1
+                FOR UPDATE SKIP LOCKED
+         ),
+         promoted AS (
+             UPDATE tasks t
+                SET status = 'queued'
+               FROM due
+              WHERE t.id = due.id
+             RETURNING t.id
+         )
+         SELECT count(*) FROM promoted",
+    )
+    .bind(batch)
+    .fetch_one(pool)
+    .await?;
+    if promoted > 0 {
+        notify(&mut *pool.acquire().await?, CHANNEL_QUEUED).await?;
+    }
+    Ok(promoted as u64)
+}
+
+/// **Unpark** (scheduler): tasks parked because their workspace could not pay, or was not in
+/// good standing, become promotable again once it can pay for them.
+pub async fn unpark(pool: &PgPool) -> Result<u64> {
+    let done = sqlx::query(
+        "UPDATE tasks t
+            SET wait_reason = NULL
+           FROM workspaces w
+          WHERE t.status = 'pending'
+            AND t.wait_reason IS NOT NULL
+            AND w.id = t.workspace_id
+            AND COALESCE(w.subscription_status, 'active') IN ('active', 'trial')
+            AND (w.subscription_status IS DISTINCT FROM 'trial' OR w.trial_ends_at IS NULL OR w.trial_ends_at > now())
+            AND w.deleted_at IS NULL
+            AND GREATEST(COALESCE(t.estimated_cost, 0), 1)
+                <= LEAST(w.credits_balance - w.credits_reserved,
+                         COALESCE(w.monthly_credit_limit, 2147483647) - COALESCE(w.credits_used_this_month, 0) - w.credits_reserved)",
+    )
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// A task a worker holds.
+#[derive(Debug, Clone)]
+pub struct ClaimedTask {
+    pub id: Uuid,
+    pub workspace_id: Uuid,
+    pub task_type: String,
+    pub input: Value,
+    /// This attempt's number, starting at 1.
+    pub attempt: i32,
+    pub max_attempts: Option<i32>,
+    /// The fence: every later write about this attempt must present it.
+    pub lease_token: Uuid,
+    pub ai_provider: Option<String>,
+    pub ai_model: Option<String>,
+}
+
+/// What a worker asks for.
+#[derive(Debug, Clone)]
+pub struct ClaimRequest<'a> {
+    pub worker_id: &'a str,
+    pub limit: i64,
+    /// SQL `LIKE` patterns of the types this worker runs; `None` for all.
+    pub type_patterns: Option<&'a [String]>,
+    pub lease: Duration,
+}
+
+/// **Claim** (worker): takes up to `limit` queued tasks by priority (1 first), then age, with
+/// `FOR UPDATE SKIP LOCKED`, in one statement that also checks each workspace's standing and
+/// reserves credits. Each task's reservation is its estimated cost (at least 1); tasks are
+/// granted in priority order while the running sum fits the workspace's balance and its
+/// monthly limit, both net of reservations already held. The workspace rows are locked
+/// (`FOR UPDATE`, no skip) so two workers reserving at once see each other's reservations:
+/// concurrent workers cannot overspend. Tasks that cannot be paid for go back to `pending`
+/// with `wait_reason` set, out of the claim index, until `unpark` sees funds again.
+///
+/// The tenancy work to come (fair share across workspaces, per-plan caps) fits into the
+/// `candidates` and `granted` steps without changing the statement's shape.
+pub async fn claim(pool: &PgPool, req: &ClaimRequest<'_>) -> Result<Vec<ClaimedTask>> {
+    let rows = sqlx::query(
+        "WITH candidates AS (
+             SELECT id, workspace_id, priority, created_at,
+                    GREATEST(COALESCE(estimated_cost, 0), 1) AS cost
+               FROM tasks
+              WHERE status = 'queued'
+                AND ($3::text[] IS NULL OR type LIKE ANY ($3::text[]))
+              ORDER BY priority, created_at
+              LIMIT $2
+                FOR UPDATE SKIP LOCKED
+         ),
+         funds AS (
+             SELECT w.id,
+                    LEAST(w.credits_balance - w.credits_reserved,
+                          COALESCE(w.monthly_credit_limit, 2147483647)
+                            - COALESCE(w.credits_used_this_month, 0) - w.credits_reserved) AS available,
+                    COALESCE(w.subscription_status, 'active') IN ('active', 'trial')
+                      AND (w.subscription_status IS DISTINCT FROM 'trial'
+                           OR w.trial_ends_at IS NULL OR w.trial_ends_at > now())
+                      AND w.deleted_at IS NULL AS in_good_standing
+               FROM workspaces w
+              WHERE w.id IN (SELECT workspace_id FROM candidates)
+                FOR UPDATE
+         ),
+         ranked AS (
+             SELECT c.id, c.workspace_id, c.cost,
+                    SUM(c.cost) OVER (PARTITION BY c.workspace_id
+                                      ORDER BY c.priority, c.created_at, c.id) AS running
+               FROM candidates c
+         ),
+         granted AS (
+             SELECT r.id, r.workspace_id, r.cost
+               FROM ranked r
+               JOIN funds f ON f.id = r.workspace_id
+              WHERE f.in_good_standing
+                AND r.running <= f.available
+         ),
+         reserved AS (
+             UPDATE workspaces w
+                SET credits_reserved = w.credits_reserved + g.total
+               FROM (SELECT workspace_id, SUM(cost)::int AS total FROM granted GROUP BY workspace_id) g
+              WHERE w.id = g.workspace_id
+         ),
+         parked AS (
+             UPDATE tasks t
+                SET status = 'pending',
+                    wait_reason = CASE WHEN f.in_good_standing THEN 'insufficient_credits'
+                                       ELSE 'subscription_inactive' END
+               FROM candidates c
+               JOIN funds f ON f.id = c.workspace_id
+              WHERE t.id = c.id
+                AND c.id NOT IN (SELECT id FROM granted)
+         )
+         UPDATE tasks t
+            SET status = 'processing',
+                started_at = now(),
+                attempt = t.attempt + 1,
+                lease_token = gen_random_uuid(),
+                lease_expires_at = now() + $4::bigint * interval '1 millisecond',
+                locked_by = $1,
+                reserved_credits = g.cost,
+                worker_type = COALESCE(t.worker_type, 'ai'),
+                wait_reason = NULL
+           FROM granted g
+          WHERE t.id = g.id
+         RETURNING t.id, t.workspace_id, t.type, t.input, t.attempt, t.max_attempts,
+                   t.lease_token, t.ai_provider, t.ai_model",
+    )
+    .bind(req.worker_id.to_string())
+    .bind(req.limit)
+    .bind(req.type_patterns.map(|p| p.to_vec()))
+    .bind(req.lease.as_millis() as i64)
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter()
+        .map(|r| {
+            Ok(ClaimedTask {
+                id: r.try_get("id")?,
+                workspace_id: r.try_get("workspace_id")?,
+                task_type: r.try_get("type")?,
+                input: r.try_get("input")?,
+                attempt: r.try_get("attempt")?,
+                max_attempts: r.try_get("max_attempts")?,
+                lease_token: r.try_get("lease_token")?,
+                ai_provider: r.try_get("ai_provider")?,
+                ai_model: r.try_get("ai_model")?,
+            })
+        })
+        .collect()
+}
+
+/// **Heartbeat** (worker): extends the leases this worker still holds and returns their ids.
+/// A task missing from the answer was cancelled or reclaimed: its run must stop.
+pub async fn heartbeat(pool: &PgPool, leases: &[(Uuid, Uuid)], lease: Duration) -> Result<Vec<Uuid>> {
+    if leases.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (ids, tokens): (Vec<Uuid>, Vec<Uuid>) = leases.iter().copied().unzip();
+    let held = sqlx::query_scalar(
+        "UPDATE tasks t
+            SET lease_expires_at = now() + $3::bigint * interval '1 millisecond'
+           FROM unnest($1::uuid[], $2::uuid[]) AS l(id, token)
+          WHERE t.id = l.id
+            AND t.lease_token = l.token
+            AND t.status = 'processing'
+         RETURNING t.id",
+    )
+    .bind(ids)
+    .bind(tokens)
+    .bind(lease.as_millis() as i64)
+    .fetch_all(pool)
+    .await?;
+    Ok(held)
+}
+
+/// A finished attempt's result.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub id: Uuid,
+    pub lease_token: Uuid,
+    pub output: Value,
+    pub actual_cost: i32,
+    pub cost_breakdown: Value,
+    pub processing_time_ms: i32,
+    pub ai_provider: Option<String>,
+    pub ai_model: Option<String>,
+}
+
+/// A failed attempt, and what to do about it.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub id: Uuid,
+    pub lease_token: Uuid,
+    /// `Some(delay)`: back to `pending`, due after the delay. `None`: `failed` for good.
+    pub retry_in: Option<Duration>,
+    /// `{message, code, attempt, http_status?, body_excerpt?}`.
+    pub error_details: Value,
+    pub processing_time_ms: i32,
+}
+
+/// **Complete** and **fail** (worker): writes a batch of results in ONE short transaction.
+/// Completions set `output`, `actual_cost`, `cost_breakdown`, timing and provider and become
+/// `completed`, which fires the credit-deduction trigger inside this same transaction.
+/// Failures go back to `pending` with a backoff (`retry_in`) or to `failed`. Every row is
+/// fenced on its lease token: the ids returned are the ones written; a result whose lease was
+/// lost (cancelled, reclaimed) is dropped and the task is never charged twice.
+pub async fn finish_batch(pool: &PgPool, completions: &[Completion], failures: &[Failure]) -> Result<Vec<Uuid>> {
+    let mut tx = pool.begin().await?;
+    let mut written: Vec<Uuid> = Vec::with_capacity(completions.len() + failures.len());
+    if !completions.is_empty() {
+        let done: Vec<Uuid> = sqlx::query_scalar(
+            "UPDATE tasks t
+                SET status = 'completed',
+                    output = c.output,
+                    actual_cost = c.cost,
+                    cost_breakdown = c.breakdown,
+                    processing_time_ms = c.ms,
+                    ai_provider = COALESCE(c.provider, t.ai_provider),
+                    ai_model = COALESCE(c.model, t.ai_model),
+                    completed_at = now(),
+                    lease_token = NULL,
+                    lease_expires_at = NULL
+               FROM unnest($1::uuid[], $2::uuid[], $3::jsonb[], $4::int[], $5::jsonb[], $6::int[],
+                           $7::text[], $8::text[])
+                    AS c(id, token, output, cost, breakdown, ms, provider, model)
+              WHERE t.id = c.id
+                AND t.lease_token = c.token
+                AND t.status = 'processing'
+             RETURNING t.id",
+        )
+        .bind(completions.iter().map(|c| c.id).collect::<Vec<_>>())
+        .bind(completions.iter().map(|c| c.lease_token).collect::<Vec<_>>())
+        .bind(completions.iter().map(|c| c.output.clone()).collect::<Vec<_>>())
+        .bind(completions.iter().map(|c| c.actual_cost).collect::<Vec<_>>())
+        .bind(completions.iter().map(|c| c.cost_breakdown.clone()).collect::<Vec<_>>())
+        .bind(completions.iter().map(|c| c.processing_time_ms).collect::<Vec<_>>())
+        .bind(completions.iter().map(|c| c.ai_provider.clone()).collect::<Vec<_>>())
+        .bind(completions.iter().map(|c| c.ai_model.clone()).collect::<Vec<_>>())
+        .fetch_all(&mut *tx)
+        .await?;
+        written.extend(done);
+    }
+    if !failures.is_empty() {
+        let done: Vec<Uuid> = sqlx::query_scalar(
+            "UPDATE tasks t
+                SET status = CASE WHEN f.retry_ms IS NULL THEN 'failed' ELSE 'pending' END,
+                    scheduled_for = CASE WHEN f.retry_ms IS NULL THEN t.scheduled_for
+                                         ELSE now() + f.retry_ms * interval '1 millisecond' END,
+                    completed_at = CASE WHEN f.retry_ms IS NULL THEN now() END,
+                    error_details = f.details,
+                    processing_time_ms = f.ms,
+                    lease_token = NULL,
+                    lease_expires_at = NULL
+               FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::jsonb[], $5::int[])
+                    AS f(id, token, retry_ms, details, ms)
+              WHERE t.id = f.id
+                AND t.lease_token = f.token
+                AND t.status = 'processing'
+             RETURNING t.id",
+        )
+        .bind(failures.iter().map(|f| f.id).collect::<Vec<_>>())
+        .bind(failures.iter().map(|f| f.lease_token).collect::<Vec<_>>())
+        .bind(failures.iter().map(|f| f.retry_in.map(|d| d.as_millis() as i64)).collect::<Vec<_>>())
+        .bind(failures.iter().map(|f| f.error_details.clone()).collect::<Vec<_>>())
+        .bind(failures.iter().map(|f| f.processing_time_ms).collect::<Vec<_>>())
+        .fetch_all(&mut *tx)
+        .await?;
+        if failures.iter().any(|f| f.retry_in.is_some()) {
+            notify(&mut tx, CHANNEL_PENDING).await?;
+        }
+        written.extend(done);
+    }
+    tx.commit().await?;
+    Ok(written)
+}
+
+/// **Release** (worker, at shutdown): tasks it will not finish go back to `queued` at once,
+/// without counting the attempt, so another worker takes them without waiting for the lease.
+pub async fn release(pool: &PgPool, leases: &[(Uuid, Uuid)]) -> Result<u64> {
+    if leases.is_empty() {
+        return Ok(0);
+    }
+    let (ids, tokens): (Vec<Uuid>, Vec<Uuid>) = leases.iter().copied().unzip();
+    let mut tx = pool.begin().await?;
+    let done = sqlx::query(
+        "UPDATE tasks t
+            SET status = 'queued',
+                attempt = GREATEST(t.attempt - 1, 0),
+                started_at = NULL,
+                lease_token = NULL,
+                lease_expires_at = NULL,
+                locked_by = NULL
+           FROM unnest($1::uuid[], $2::uuid[]) AS l(id, token)
+          WHERE t.id = l.id
+            AND t.lease_token = l.token
+            AND t.status = 'processing'",
+    )
+    .bind(ids)
+    .bind(tokens)
+    .execute(&mut *tx)
+    .await?;
+    notify(&mut tx, CHANNEL_QUEUED).await?;
+    tx.commit().await?;
+    Ok(done.rows_affected())
+}
+
+/// What a reclaim pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReclaimReport {
+    pub requeued: u64,
+    pub failed: u64,
+}
+
+/// **Reclaim** (scheduler): processing tasks whose lease expired — their worker was killed,
+/// lost its host or its network — go back to `queued` with the attempt counted, or to
+/// `failed` when it was the last attempt. The dead worker's late write, if any, is fenced out
+/// because the lease token is cleared here.
+pub async fn reclaim_expired(
+    pool: &PgPool,
+    batch: i64,
+    max_attempts_by_type: &[(String, i32)],
+    default_max_attempts: i32,
+) -> Result<ReclaimReport> {
+    let (types, maxes): (Vec<String>, Vec<i32>) = max_attempts_by_type.iter().cloned().unzip();
+    let rows: Vec<String> = sqlx::query_scalar(
+        "WITH expired AS (
+             SELECT id
+               FROM tasks
+              WHERE status = 'processing'
+                AND lease_expires_at < now()
+              ORDER BY lease_expires_at
+              LIMIT $1
+                FOR UPDATE SKIP LOCKED
+         ),
+         limits AS (
+             SELECT t.id,
+                    COALESCE(t.max_attempts,
+                             (SELECT m FROM unnest($2::text[], $3::int[]) AS c(type, m) WHERE c.type = t.type),
+                             $4) AS max_attempts
+               FROM tasks t
+               JOIN expired e ON e.id = t.id
+         )
+         UPDATE tasks t
+            SET status = CASE WHEN t.attempt >= l.max_attempts THEN 'failed' ELSE 'queued' END,
+                completed_at = CASE WHEN t.attempt >= l.max_attempts THEN now() END,
+                error_details = jsonb_build_object(
+                    'message', format('lease expired: worker %s stopped heartbeating (attempt %s of %s)',
+                                      t.locked_by, t.attempt, l.max_attempts),
+                    'code', 'lease_expired',
+                    'attempt', t.attempt,
+                    'worker', t.locked_by),
+                lease_token = NULL,
+                lease_expires_at = NULL
+           FROM limits l
+          WHERE t.id = l.id
+         RETURNING t.status",
+    )
+    .bind(batch)
+    .bind(types)
+    .bind(maxes)
+    .bind(default_max_attempts)
+    .fetch_all(pool)
+    .await?;
+    let report = ReclaimReport {
+        requeued: rows.iter().filter(|s| *s == "queued").count() as u64,
+        failed: rows.iter().filter(|s| *s == "failed").count() as u64,
+    };
+    if report.requeued > 0 {
+        notify(&mut *pool.acquire().await?, CHANNEL_QUEUED).await?;
+    }
+    Ok(report)
+}
+
+/// **Cancel** (admin): a pending, queued or escalated task is cancelled at once. A processing
+/// task is cancelled too — its lease is void from this commit on, so nothing it writes later
+/// lands and nothing is charged — and its worker is told over `bizq_cancel` to abort the
+/// provider call (the heartbeat notices within one interval if the notification is lost).
+/// Returns the status the task had.
+pub async fn cancel(pool: &PgPool, id: Uuid, reason: &str) -> Result<String> {
+    let mut tx = pool.begin().await?;
+    let status: Option<String> = sqlx::query_scalar("SELECT status FROM tasks WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let status = status.ok_or(Error::TaskNotFound(id))?;
+    if !matches!(status.as_str(), "pending" | "queued" | "processing" | "escalated") {
+        return Err(Error::WrongStatus {
+            id,
+            status,
+            action: "cancel",
+            expected: "pending, queued, processing or escalated",
+        });
+    }
+    sqlx::query(
+        "UPDATE tasks
+            SET status = 'cancelled',
+                completed_at = now(),
+                wait_reason = NULL,
+                lease_token = NULL,
+                lease_expires_at = NULL,
+                error_details = jsonb_build_object(
+                    'message', $2::text,
+                    'code', 'cancelled',
+                    'attempt', attempt,
+                    'previous_status', $3::text)
+          WHERE id = $1",
+    )
+    .bind(id)
+    .bind(format!("cancelled: {reason}"))
+    .bind(status.clone())
+    .execute(&mut *tx)
+    .await?;
+    if status == "processing" {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(CHANNEL_CANCEL)
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(status)
+}
+
+/// **Retry** (admin): a failed, cancelled or escalated task starts over as `pending` with
+/// fresh attempts; the scheduler admits it again (dependencies are re-checked).
+pub async fn retry(pool: &PgPool, id: Uuid) -> Result<String> {
+    let mut tx = pool.begin().await?;
+    let status: Option<String> = sqlx::query_scalar("SELECT status FROM tasks WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let status = status.ok_or(Error::TaskNotFound(id))?;
+    if !matches!(status.as_str(), "failed" | "cancelled" | "escalated") {
+        return Err(Error::WrongStatus {
+            id,
+            status,
+            action: "retry",
+            expected: "failed, cancelled or escalated",
+        });
+    }
+    sqlx::query(
+        "UPDATE tasks
+            SET status = 'pending',
+                attempt = 0,
+                deps_remaining = NULL,
+                wait_reason = NULL,
+                scheduled_for = NULL,
+                started_at = NULL,
+                completed_at = NULL,
+                output = NULL
+          WHERE id = $1",
+    )
+    .bind(id)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(status)
+}

@@ -1,0 +1,102 @@
+//! The built-in `mock` provider: deterministic text, token counts from the prompt's length,
+//! configurable latency and failure rate. Enabled only by config.
+
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use serde_json::json;
+
+use super::{GenerateRequest, GenerateResponse, Provider, ProviderError};
+use crate::config::MockProviderConfig;
+
+pub struct MockProvider {
+    config: MockProviderConfig,
+}
+
+impl MockProvider {
+    pub fn new(config: MockProviderConfig) -> Self {
+        Self { config }
+    }
+
+    /// Deterministic in (task, attempt): the same attempt always fails or succeeds alike.
+    fn fails_transiently(&self, request: &GenerateRequest) -> bool {
+        if self.config.failure_rate <= 0.0 {
+            return false;
+        }
+        let h = fnv1a(format!("{}:{}", request.task_id, request.attempt).as_bytes());
+        (h % 1_000_000) as f64 / 1_000_000.0 < self.config.failure_rate
+    }
+}
+
+/// Credits per call: one, plus one per started thousand tokens beyond the first.
+pub fn mock_cost(prompt_tokens: u32, completion_tokens: u32) -> i32 {
+    1 + ((prompt_tokens + completion_tokens) / 1000) as i32
+}
+
+impl Provider for MockProvider {
+    fn name(&self) -> &'static str {
+        "mock"
+    }
+
+    fn generate<'a>(
+        &'a self,
+        request: &'a GenerateRequest,
+    ) -> BoxFuture<'a, Result<GenerateResponse, ProviderError>> {
+        Box::pin(async move {
+            if self.config.latency_ms > 0 {
+                tokio::time::sleep(Duration::from_millis(self.config.latency_ms)).await;
+            }
+            if let Some(marker) = &self.config.permanent_failure_marker {
+                if request.prompt.contains(marker.as_str()) {
+                    return Err(ProviderError::from_http(
+                        "mock",
+                        400,
+                        r#"{"error":"the prompt was rejected by the mock provider"}"#,
+                        None,
+                    ));
+                }
+            }
+            if self.fails_transiently(request) {
+                return Err(ProviderError::from_http(
+                    "mock",
+                    503,
+                    r#"{"error":"mock provider overloaded"}"#,
+                    None,
+                ));
+            }
+            let prompt_tokens = (request.prompt.chars().count() as u32).div_ceil(4).max(1);
+            let completion_tokens = (16 + prompt_tokens / 2).min(request.max_tokens.unwrap_or(256));
+            let preview: String = request.prompt.chars().take(60).collect();
+            let text = format!(
+                "[mock:{:08x}] A considered answer to \"{preview}\".",
+                fnv1a(request.prompt.as_bytes()) as u32
+            );
+            let model = request.model.clone().unwrap_or_else(|| "mock-1".into());
+            let cost = mock_cost(prompt_tokens, completion_tokens);
+            Ok(GenerateResponse {
+                text,
+                cost_breakdown: json!({
+                    "provider": "mock",
+                    "model": model,
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "credits": cost,
+                    "rule": "1 credit + 1 per 1000 tokens",
+                }),
+                model,
+                prompt_tokens,
+                completion_tokens,
+                cost_credits: cost,
+            })
+        })
+    }
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}

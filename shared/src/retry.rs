@@ -1,0 +1,61 @@
+//! How long a task that failed with a transient error waits before its next attempt:
+//! exponential backoff with jitter (computed by `backon`), unless the provider said when.
+
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+
+use crate::config::RetryConfig;
+
+/// Delay before attempt `attempt + 1`, after `attempt` attempts failed (attempt ≥ 1). A
+/// `Retry-After` from the provider wins, capped at `max_ms`.
+pub fn delay(config: &RetryConfig, attempt: i32, retry_after: Option<Duration>) -> Duration {
+    let max = Duration::from_millis(config.max_ms);
+    if let Some(after) = retry_after {
+        return after.min(max);
+    }
+    let mut builder = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(config.base_ms))
+        .with_max_delay(max)
+        .with_factor(config.factor)
+        .without_max_times();
+    if config.jitter {
+        builder = builder.with_jitter();
+    }
+    let n = attempt.max(1) as usize - 1;
+    builder.build().nth(n).unwrap_or(max).min(max * 2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(jitter: bool) -> RetryConfig {
+        RetryConfig { base_ms: 100, max_ms: 10_000, factor: 2.0, jitter }
+    }
+
+    #[test]
+    fn grows_exponentially_and_caps() {
+        let c = cfg(false);
+        assert_eq!(delay(&c, 1, None), Duration::from_millis(100));
+        assert_eq!(delay(&c, 2, None), Duration::from_millis(200));
+        assert_eq!(delay(&c, 4, None), Duration::from_millis(800));
+        assert_eq!(delay(&c, 30, None), Duration::from_millis(10_000));
+    }
+
+    #[test]
+    fn jitter_stays_within_one_extra_step() {
+        let c = cfg(true);
+        for _ in 0..100 {
+            let d = delay(&c, 2, None);
+            assert!(d >= Duration::from_millis(200) && d <= Duration::from_millis(400), "{d:?}");
+        }
+    }
+
+    #[test]
+    fn retry_after_wins() {
+        let c = cfg(false);
+        assert_eq!(delay(&c, 1, Some(Duration::from_secs(3))), Duration::from_secs(3));
+        assert_eq!(delay(&c, 1, Some(Duration::from_secs(300))), Duration::from_secs(10));
+    }
+}

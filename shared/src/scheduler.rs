@@ -1,0 +1,157 @@
+//! The scheduler runtime: admits new tasks, promotes due ones, unparks tasks whose workspace
+//! can pay again, reclaims tasks of dead workers, and runs housekeeping. Any number of
+//! schedulers can run at once: every step takes its rows with `SKIP LOCKED`, and
+//! housekeeping runs under an advisory lock.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::handlers::KNOWN_TYPES;
+use crate::lifecycle::{self, AdmitReport, CHANNEL_PENDING, ReclaimReport};
+use crate::{Result, housekeeping};
+
+/// Totals over a scheduler's life, printed at exit.
+#[derive(Debug, Default, Clone)]
+pub struct SchedulerStats {
+    pub admitted: AdmitReport,
+    pub promoted: u64,
+    pub unparked: u64,
+    pub reclaimed: ReclaimReport,
+    pub passes: u64,
+}
+
+pub struct Scheduler {
+    pool: PgPool,
+    config: Config,
+}
+
+impl Scheduler {
+    pub fn new(pool: PgPool, config: Config) -> Self {
+        Self { pool, config }
+    }
+
+    /// One full pass: admit and promote until nothing is left, then unpark and reclaim.
+    pub async fn pass(&self, stats: &mut SchedulerStats) -> Result<()> {
+        let sc = &self.config.scheduler;
+        loop {
+            let r = lifecycle::admit(&self.pool, sc.batch, KNOWN_TYPES, sc.dependency_failure).await?;
+            let handled = r.handled();
+            let a = &mut stats.admitted;
+            a.queued += r.queued;
+            a.waiting += r.waiting;
+            a.rejected += r.rejected;
+            a.escalated += r.escalated;
+            a.cancelled += r.cancelled;
+            a.deferred += r.deferred;
+            if handled + r.deferred < sc.batch as u64 {
+                break;
+            }
+        }
+        loop {
+            let n = lifecycle::promote(&self.pool, sc.batch).await?;
+            stats.promoted += n;
+            if n < sc.batch as u64 {
+                break;
+            }
+        }
+        stats.unparked += lifecycle::unpark(&self.pool).await?;
+        let limits: Vec<(String, i32)> = self
+            .config
+            .worker
+            .max_attempts
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        loop {
+            let r = lifecycle::reclaim_expired(
+                &self.pool,
+                sc.batch,
+                &limits,
+                self.config.worker.default_max_attempts,
+            )
+            .await?;
+            stats.reclaimed.requeued += r.requeued;
+            stats.reclaimed.failed += r.failed;
+            if r.requeued + r.failed > 0 {
+                tracing::info!(requeued = r.requeued, failed = r.failed, "reclaimed tasks with expired leases");
+            }
+            if r.requeued + r.failed < sc.batch as u64 {
+                break;
+            }
+        }
+        stats.passes += 1;
+        Ok(())
+    }
+
+    /// Runs passes until `shutdown`: right after a `bizq_pending` notification, else every
+    /// `tick_ms`. Database errors are logged and retried with backoff; a PostgreSQL restart
+    /// costs a few failed passes, nothing more.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<SchedulerStats> {
+        let wake = Arc::new(Notify::new());
+        let stop = CancellationToken::new();
+        let listener = tokio::spawn(listen(self.pool.clone(), wake.clone(), stop.clone()));
+        let mut stats = SchedulerStats::default();
+        let tick = Duration::from_millis(self.config.scheduler.tick_ms);
+        let hk_every = Duration::from_secs(self.config.scheduler.housekeeping_interval_seconds);
+        let mut next_housekeeping = Instant::now();
+        let mut failures = 0u32;
+        tracing::info!("scheduler started");
+        while !shutdown.is_cancelled() {
+            match self.pass(&mut stats).await {
+                Ok(()) => failures = 0,
+                Err(e) => {
+                    failures += 1;
+                    let pause = Duration::from_millis((100u64 << failures.min(6)).min(5_000));
+                    tracing::warn!(error = %e, retry_in_ms = pause.as_millis() as u64, "scheduler pass failed");
+                    tokio::select! { _ = tokio::time::sleep(pause) => {}, _ = shutdown.cancelled() => break }
+                    continue;
+                }
+            }
+            if Instant::now() >= next_housekeeping {
+                match housekeeping::run(&self.pool, &self.config.scheduler).await {
+                    Ok(Some(r)) => tracing::info!(?r, "housekeeping done"),
+                    Ok(None) => tracing::debug!("housekeeping running elsewhere"),
+                    Err(e) => tracing::warn!(error = %e, "housekeeping failed"),
+                }
+                next_housekeeping = Instant::now() + hk_every;
+            }
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(tick) => {}
+                _ = shutdown.cancelled() => break,
+            }
+        }
+        stop.cancel();
+        let _ = listener.await;
+        tracing::info!(?stats, "scheduler stopped");
+        Ok(stats)
+    }
+}
+
+async fn listen(pool: PgPool, wake: Arc<Notify>, stop: CancellationToken) {
+    loop {
+        let mut listener = match PgListener::connect_with(&pool).await {
+            Ok(l) => l,
+            Err(_) => {
+                tokio::select! { _ = tokio::time::sleep(Duration::from_millis(500)) => continue, _ = stop.cancelled() => return }
+            }
+        };
+        if listener.listen(CHANNEL_PENDING).await.is_err() {
+            tokio::select! { _ = tokio::time::sleep(Duration::from_millis(500)) => continue, _ = stop.cancelled() => return }
+        }
+        wake.notify_one();
+        loop {
+            let n = tokio::select! { n = listener.recv() => n, _ = stop.cancelled() => return };
+            match n {
+                Ok(_) => wake.notify_one(),
+                Err(_) => break,
+            }
+        }
+    }
+}

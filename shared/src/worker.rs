@@ -1,0 +1,524 @@
+//! The worker runtime: claims tasks into free slots, runs their handlers outside any
+//! transaction, keeps their leases alive, aborts cancelled ones, writes results in batches,
+//! and shuts down without losing a task.
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use serde_json::json;
+use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::config::Config;
+use crate::handlers::{self, TaskContext};
+use crate::lifecycle::{self, CHANNEL_CANCEL, CHANNEL_QUEUED, ClaimRequest, ClaimedTask, Completion, Failure};
+use crate::providers::{ErrorKind, Providers};
+use crate::{Result, retry};
+
+/// Counts of what one worker process did, printed at exit.
+#[derive(Debug, Default, Clone)]
+pub struct WorkerStats {
+    pub claimed: u64,
+    pub completed: u64,
+    pub retried: u64,
+    pub failed: u64,
+    /// Results dropped because the lease was gone (cancelled or reclaimed meanwhile).
+    pub fenced: u64,
+    pub aborted: u64,
+    pub released: u64,
+}
+
+/// A task this process is running.
+struct Running {
+    lease_token: Uuid,
+    abort: CancellationToken,
+}
+
+type RunningMap = Arc<Mutex<HashMap<Uuid, Running>>>;
+
+/// What happened to one attempt.
+enum Attempt {
+    Completed(Completion),
+    Failed(Failure),
+    /// Stopped without a result (cancelled, lease lost, or shutting down).
+    Aborted(Uuid),
+}
+
+/// An attempt's result with the slot it occupies; the slot frees once the result is written.
+struct Outcome {
+    attempt: Attempt,
+    _slot: OwnedSemaphorePermit,
+}
+
+/// A name unique across the fleet, shown in `tasks.locked_by`.
+pub fn default_worker_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into());
+    let short = Uuid::new_v4().simple().to_string();
+    format!("{host}:{}:{}", std::process::id(), &short[..8])
+}
+
+/// One worker process.
+pub struct Worker {
+    pool: PgPool,
+    config: Arc<Config>,
+    providers: Providers,
+    worker_id: String,
+    type_patterns: Option<Vec<String>>,
+}
+
+impl Worker {
+    pub fn new(pool: PgPool, config: Config, worker_id: String) -> Self {
+        let providers = Providers::from_config(&config.providers);
+        let type_patterns = config.worker.type_like_patterns();
+        Self {
+            pool,
+            config: Arc::new(config),
+            providers,
+            worker_id,
+            type_patterns,
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.worker_id
+    }
+
+    /// Runs until `shutdown` fires, then drains: no new claims, running tasks get the grace
+    /// period, the rest are released to `queued` without counting an attempt.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<WorkerStats> {
+        let wc = &self.config.worker;
+        let slots = Arc::new(Semaphore::new(wc.concurrency));
+        let running: RunningMap = Arc::default();
+        let wake = Arc::new(Notify::new());
+        let stats = Arc::new(Mutex::new(WorkerStats::default()));
+        let (results_tx, results_rx) = mpsc::unbounded_channel::<Outcome>();
+        let background = CancellationToken::new();
+
+        let listener = tokio::spawn(listen(
+            self.pool.clone(),
+            running.clone(),
+            wake.clone(),
+            background.clone(),
+        ));
+        let heart = tokio::spawn(heartbeat_loop(
+            self.pool.clone(),
+            running.clone(),
+            wc.lease(),
+            Duration::from_millis(wc.heartbeat_ms),
+            background.clone(),
+        ));
+        let writer = tokio::spawn(write_results(
+            self.pool.clone(),
+            results_rx,
+            running.clone(),
+            stats.clone(),
+            wc.complete_batch,
+            wc.lease(),
+        ));
+
+        tracing::info!(worker = %self.worker_id, concurrency = wc.concurrency,
+                       types = ?wc.types, "worker started");
+        let mut failures_in_a_row = 0u32;
+        loop {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            // Wait for at least one free slot, then take every free one (up to a batch).
+            let mut permits = tokio::select! {
+                p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                _ = shutdown.cancelled() => break,
+            };
+            let extra = slots.available_permits().min(wc.claim_batch.saturating_sub(1));
+            if extra > 0
+                && let Ok(more) = slots.clone().try_acquire_many_owned(extra as u32)
+            {
+                permits.merge(more);
+            }
+            let wanted = permits.num_permits();
+            let request = ClaimRequest {
+                worker_id: &self.worker_id,
+                limit: wanted as i64,
+                type_patterns: self.type_patterns.as_deref(),
+                lease: wc.lease(),
+            };
+            let claimed = match lifecycle::claim(&self.pool, &request).await {
+                Ok(c) => {
+                    failures_in_a_row = 0;
+                    c
+                }
+                Err(e) => {
+                    drop(permits);
+                    failures_in_a_row += 1;
+                    let pause = backoff_pause(failures_in_a_row);
+                    tracing::warn!(error = %e, retry_in_ms = pause.as_millis() as u64, "claim failed; retrying");
+                    tokio::select! { _ = tokio::time::sleep(pause) => {}, _ = shutdown.cancelled() => break }
+                    continue;
+                }
+            };
+            let got = claimed.len();
+            if let Ok(mut s) = stats.lock() {
+                s.claimed += got as u64;
+            }
+            for task in claimed {
+                let Some(permit) = permits.split(1) else { break };
+                self.start(task, permit, &running, &results_tx);
+            }
+            drop(permits);
+            if got < wanted {
+                // The queue is drained for now: sleep until notified, or a jittered poll.
+                let poll = jittered(Duration::from_millis(wc.poll_interval_ms));
+                tokio::select! {
+                    _ = wake.notified() => {}
+                    _ = tokio::time::sleep(poll) => {}
+                    _ = shutdown.cancelled() => break,
+                }
+            }
+        }
+
+        // Drain: let running tasks finish within the grace period, then release the rest.
+        tracing::info!(worker = %self.worker_id, "shutting down: no new claims");
+        let grace = Duration::from_secs(wc.shutdown_grace_seconds);
+        let deadline = Instant::now() + grace;
+        while running_count(&running) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let leftovers: Vec<(Uuid, Uuid)> = match running.lock() {
+            Ok(map) => map
+                .iter()
+                .map(|(id, r)| {
+                    r.abort.cancel();
+                    (*id, r.lease_token)
+                })
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        if !leftovers.is_empty() {
+            match lifecycle::release(&self.pool, &leftovers).await {
+                Ok(n) => {
+                    tracing::info!(released = n, "released unfinished tasks to the queue");
+                    if let Ok(mut s) = stats.lock() {
+                        s.released += n;
+                    }
+                }
+                Err(e) => tracing::error!(error = %e,
+                    "could not release unfinished tasks; the scheduler will reclaim them when their leases expire"),
+            }
+        }
+        drop(results_tx);
+        let _ = writer.await;
+        background.cancel();
+        let _ = heart.await;
+        let _ = listener.await;
+        let stats = stats.lock().map(|s| s.clone()).unwrap_or_default();
+        tracing::info!(worker = %self.worker_id, ?stats, "worker stopped");
+        Ok(stats)
+    }
+
+    /// Spawns one attempt.
+    fn start(
+        &self,
+        task: ClaimedTask,
+        permit: OwnedSemaphorePermit,
+        running: &RunningMap,
+        results: &mpsc::UnboundedSender<Outcome>,
+    ) {
+        let abort = CancellationToken::new();
+        if let Ok(mut map) = running.lock() {
+            map.insert(
+                task.id,
+                Running {
+                    lease_token: task.lease_token,
+                    abort: abort.clone(),
+                },
+            );
+        }
+        let providers = self.providers.clone();
+        let config = self.config.clone();
+        let results = results.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let ctx = TaskContext {
+                id: task.id,
+                attempt: task.attempt,
+                task_type: task.task_type.clone(),
+                input: task.input.clone(),
+                ai_provider: task.ai_provider.clone(),
+                ai_model: task.ai_model.clone(),
+            };
+            let timeout = Duration::from_secs(config.worker.task_timeout_seconds);
+            let run = AssertUnwindSafe(tokio::time::timeout(timeout, handlers::run(&providers, &ctx))).catch_unwind();
+            let result = tokio::select! {
+                r = run => Some(r),
+                _ = abort.cancelled() => None,
+            };
+            let elapsed_ms = started.elapsed().as_millis().min(i32::MAX as u128) as i32;
+            let max_attempts = task
+                .max_attempts
+                .unwrap_or_else(|| config.worker.max_attempts_for(&task.task_type));
+            let attempt = match result {
+                None => Attempt::Aborted(task.id),
+                Some(Ok(Ok(Ok(out)))) => Attempt::Completed(Completion {
+                        id: task.id,
+                        lease_token: task.lease_token,
+                        output: out.output,
+                        actual_cost: out.cost,
+                        cost_breakdown: out.cost_breakdown,
+                        processing_time_ms: elapsed_ms,
+                        ai_provider: out.provider,
+                        ai_model: out.model,
+                }),
+                Some(other) => {
+                    let error = match other {
+                        Ok(Ok(Err(e))) => e,
+                        Ok(Err(_elapsed)) => handlers::TaskError::transient(
+                            "timeout",
+                            format!("the handler did not finish within {} s", timeout.as_secs()),
+                        ),
+                        Err(_panic) => handlers::TaskError::permanent(
+                            "handler_panicked",
+                            "the handler panicked; see the worker's log",
+                        ),
+                        Ok(Ok(Ok(_))) => unreachable_outcome(),
+                    };
+                    let retry_in = (error.kind == ErrorKind::Transient && task.attempt < max_attempts)
+                        .then(|| retry::delay(&config.retry, task.attempt, error.retry_after));
+                    let mut details = json!({
+                        "message": error.message,
+                        "code": error.code,
+                        "attempt": task.attempt,
+                        "max_attempts": max_attempts,
+                        "retryable": error.kind == ErrorKind::Transient,
+                    });
+                    if let Some(status) = error.http_status {
+                        details["http_status"] = json!(status);
+                    }
+                    if let Some(body) = &error.body_excerpt {
+                        details["body_excerpt"] = json!(body);
+                    }
+                    if let Some(d) = retry_in {
+                        details["retry_in_ms"] = json!(d.as_millis() as u64);
+                    } else if error.kind == ErrorKind::Transient {
+                        details["message"] = json!(format!(
+                            "{} (gave up after {} attempts)",
+                            error.message, task.attempt
+                        ));
+                    }
+                    Attempt::Failed(Failure {
+                        id: task.id,
+                        lease_token: task.lease_token,
+                        retry_in,
+                        error_details: details,
+                        processing_time_ms: elapsed_ms,
+                    })
+                }
+            };
+            let _ = results.send(Outcome { attempt, _slot: permit });
+        });
+    }
+}
+
+/// `catch_unwind(timeout(run))` has three layers; the success case is matched first.
+fn unreachable_outcome() -> handlers::TaskError {
+    handlers::TaskError::permanent("internal", "unexpected handler outcome")
+}
+
+fn running_count(running: &RunningMap) -> usize {
+    running.lock().map(|m| m.len()).unwrap_or(0)
+}
+
+/// 100 ms doubling to 5 s, for database errors in the worker's own loops.
+fn backoff_pause(failures_in_a_row: u32) -> Duration {
+    let ms = 100u64.saturating_mul(1u64 << failures_in_a_row.min(6));
+    jittered(Duration::from_millis(ms.min(5_000)))
+}
+
+/// ±20% so that a fleet started together does not poll in lockstep.
+fn jittered(d: Duration) -> Duration {
+    let f: f64 = rand::random_range(0.8..1.2);
+    d.mul_f64(f)
+}
+
+/// Writes results in batches: whatever is waiting when the writer comes round goes in one
+/// transaction (at most `batch`). A database error keeps the results and retries them until
+/// their leases would have expired anyway; then they are dropped (the scheduler reclaims).
+async fn write_results(
+    pool: PgPool,
+    mut rx: mpsc::UnboundedReceiver<Outcome>,
+    running: RunningMap,
+    stats: Arc<Mutex<WorkerStats>>,
+    batch: usize,
+    lease: Duration,
+) {
+    let mut buffer: Vec<Outcome> = Vec::with_capacity(batch);
+    while let Some(first) = rx.recv().await {
+        buffer.push(first);
+        while buffer.len() < batch {
+            match rx.try_recv() {
+                Ok(o) => buffer.push(o),
+                Err(_) => break,
+            }
+        }
+        let mut completions = Vec::new();
+        let mut failures = Vec::new();
+        let mut aborted = 0u64;
+        let mut done_ids = Vec::with_capacity(buffer.len());
+        for o in &buffer {
+            match &o.attempt {
+                Attempt::Completed(c) => {
+                    done_ids.push(c.id);
+                    completions.push(c.clone());
+                }
+                Attempt::Failed(f) => {
+                    done_ids.push(f.id);
+                    failures.push(f.clone());
+                }
+                Attempt::Aborted(id) => {
+                    done_ids.push(*id);
+                    aborted += 1;
+                }
+            }
+        }
+        let give_up = Instant::now() + lease;
+        let mut attempt = 0u32;
+        let written = loop {
+            match lifecycle::finish_batch(&pool, &completions, &failures).await {
+                Ok(w) => break Some(w),
+                Err(e) if Instant::now() < give_up => {
+                    attempt += 1;
+                    let pause = backoff_pause(attempt);
+                    tracing::warn!(error = %e, results = completions.len() + failures.len(),
+                                   "writing results failed; retrying");
+                    tokio::time::sleep(pause).await;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "giving up on writing results; their leases expired");
+                    break None;
+                }
+            }
+        };
+        let written: std::collections::HashSet<Uuid> = written.unwrap_or_default().into_iter().collect();
+        if let Ok(mut s) = stats.lock() {
+            s.aborted += aborted;
+            for c in &completions {
+                if written.contains(&c.id) {
+                    s.completed += 1;
+                } else {
+                    s.fenced += 1;
+                }
+            }
+            for f in &failures {
+                if !written.contains(&f.id) {
+                    s.fenced += 1;
+                } else if f.retry_in.is_some() {
+                    s.retried += 1;
+                } else {
+                    s.failed += 1;
+                }
+            }
+        }
+        for c in completions.iter().filter(|c| !written.contains(&c.id)) {
+            tracing::warn!(task = %c.id, "result dropped: the lease was lost (task cancelled or reclaimed)");
+        }
+        if let Ok(mut map) = running.lock() {
+            for id in &done_ids {
+                map.remove(id);
+            }
+        }
+        // Dropping the outcomes frees their slots.
+        buffer.clear();
+    }
+}
+
+/// Extends the leases of running tasks; aborts those whose lease is gone.
+async fn heartbeat_loop(
+    pool: PgPool,
+    running: RunningMap,
+    lease: Duration,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.cancelled() => return,
+        }
+        let leases: Vec<(Uuid, Uuid)> = match running.lock() {
+            Ok(map) => map.iter().map(|(id, r)| (*id, r.lease_token)).collect(),
+            Err(_) => continue,
+        };
+        match lifecycle::heartbeat(&pool, &leases, lease).await {
+            Ok(held) => {
+                let held: std::collections::HashSet<Uuid> = held.into_iter().collect();
+                if let Ok(map) = running.lock() {
+                    for (id, token) in &leases {
+                        if !held.contains(id)
+                            && let Some(r) = map.get(id)
+                            && r.lease_token == *token
+                        {
+                            tracing::info!(task = %id, "lease lost (cancelled or reclaimed): aborting");
+                            r.abort.cancel();
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "heartbeat failed; will retry"),
+        }
+    }
+}
+
+/// LISTEN for new work and for cancellations. Reconnects on its own; while it is down the
+/// claim loop's poll is the backstop.
+async fn listen(pool: PgPool, running: RunningMap, wake: Arc<Notify>, stop: CancellationToken) {
+    let mut failures = 0u32;
+    loop {
+        let mut listener = match PgListener::connect_with(&pool).await {
+            Ok(l) => l,
+            Err(e) => {
+                failures += 1;
+                tracing::debug!(error = %e, "LISTEN connection failed; retrying");
+                tokio::select! { _ = tokio::time::sleep(backoff_pause(failures)) => continue, _ = stop.cancelled() => return }
+            }
+        };
+        if let Err(e) = listener.listen_all([CHANNEL_QUEUED, CHANNEL_CANCEL]).await {
+            failures += 1;
+            tracing::debug!(error = %e, "LISTEN failed; retrying");
+            tokio::select! { _ = tokio::time::sleep(backoff_pause(failures)) => continue, _ = stop.cancelled() => return }
+        }
+        failures = 0;
+        // A notification may have been missed while (re)connecting.
+        wake.notify_one();
+        loop {
+            let n = tokio::select! {
+                n = listener.recv() => n,
+                _ = stop.cancelled() => return,
+            };
+            match n {
+                Ok(n) if n.channel() == CHANNEL_CANCEL => {
+                    if let Ok(id) = n.payload().parse::<Uuid>()
+                        && let Ok(map) = running.lock()
+                        && let Some(r) = map.get(&id)
+                    {
+                        tracing::info!(task = %id, "cancelled by an admin: aborting");
+                        r.abort.cancel();
+                    }
+                }
+                Ok(_) => wake.notify_one(),
+                Err(e) => {
+                    tracing::debug!(error = %e, "LISTEN connection lost; reconnecting");
+                    break;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,67 @@
+//! `bizq-worker`: claims queued tasks and runs them. Run as many as you like, anywhere.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use bizq::db::{self, PoolSettings};
+use bizq::worker::{Worker, default_worker_id};
+use clap::Parser;
+
+/// Claims queued BizQ tasks by priority, runs them, and writes results back.
+///
+/// Stops gracefully on SIGTERM/SIGINT: no new claims, running tasks get
+/// `worker.shutdown_grace_seconds`, the rest go back to the queue. Exits 0.
+#[derive(Parser, Debug)]
+#[command(name = "bizq-worker", version)]
+struct Args {
+    /// PostgreSQL URL (default: $DATABASE_URL).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// TOML config file (default: $BIZQ_CONFIG, else built-in defaults). See config/bizq.toml.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Task type patterns to claim, comma separated, `*` as wildcard: --types 'content.*,ai.*'.
+    #[arg(long, value_delimiter = ',')]
+    types: Option<Vec<String>>,
+    /// Tasks run at once (overrides worker.concurrency).
+    #[arg(long)]
+    concurrency: Option<usize>,
+    /// Name shown in tasks.locked_by (default: host:pid:random).
+    #[arg(long)]
+    id: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,sqlx=warn".into()),
+        )
+        .init();
+    let args = Args::parse();
+    let mut config = bizq::Config::load(args.config.as_deref())?;
+    if let Some(t) = args.types {
+        config.worker.types = t;
+    }
+    if let Some(c) = args.concurrency {
+        config.worker.concurrency = c;
+    }
+    config.validate()?;
+    let url = bizq::config::database_url(args.database_url)?;
+    let worker_id = args.id.unwrap_or_else(default_worker_id);
+    let pool = db::connect(
+        &url,
+        &PoolSettings {
+            application_name: format!("bizq-worker {worker_id}"),
+            max_connections: 6,
+            dependency_failure: config.scheduler.dependency_failure,
+        },
+    )
+    .await
+    .context("connecting to PostgreSQL")?;
+    db::check_schema(&pool).await?;
+    let shutdown = bizq::signals::shutdown_token();
+    Worker::new(pool, config, worker_id).run(shutdown).await?;
+    Ok(())
+}
