@@ -82,7 +82,11 @@ pub async fn create_tenant(pool: &PgPool, slug: &str) -> Result<Tenant> {
 }
 
 /// Creates a task in `workspace` with the given estimated cost; returns its id.
-pub async fn create_task(pool: &PgPool, workspace: Uuid, estimated_cost: Option<i32>) -> Result<Uuid> {
+pub async fn create_task(
+    pool: &PgPool,
+    workspace: Uuid,
+    estimated_cost: Option<i32>,
+) -> Result<Uuid> {
     let id = sqlx::query_scalar(
         "INSERT INTO tasks (workspace_id, type, category, name, input, estimated_cost)
          VALUES ($1, 'content.write_blog_post', 'content', 'test task', '{}', $2) RETURNING id",
@@ -96,7 +100,11 @@ pub async fn create_task(pool: &PgPool, workspace: Uuid, estimated_cost: Option<
 }
 
 /// Inserts a store with `credentials` (encrypted by the trigger, using [`CREDENTIALS_KEY`]).
-pub async fn create_store(pool: &PgPool, workspace: Uuid, credentials: serde_json::Value) -> Result<Uuid> {
+pub async fn create_store(
+    pool: &PgPool,
+    workspace: Uuid,
+    credentials: serde_json::Value,
+) -> Result<Uuid> {
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT set_config('bizq.credentials_key', $1, true)")
         .bind(CREDENTIALS_KEY)
@@ -187,7 +195,11 @@ pub async fn seed_rows(pool: &PgPool, tenant: &Tenant) -> Result<BTreeMap<&'stat
 
 /// Column holding the tenant id of `table` (`id` for `workspaces`).
 pub fn workspace_column(table: &str) -> &'static str {
-    if table == "workspaces" { "id" } else { "workspace_id" }
+    if table == "workspaces" {
+        "id"
+    } else {
+        "workspace_id"
+    }
 }
 
 /// An INSERT of one valid row into `table` for `workspace`. `product` must be a product of
@@ -230,7 +242,9 @@ pub fn insert_sql(table: &str, workspace: Uuid, product: Uuid) -> String {
 pub fn touch_sql(table: &str, id: Uuid) -> String {
     match table {
         "workspaces" => format!("UPDATE workspaces SET name = name || '' WHERE id = '{id}'"),
-        "analytics_events" => format!("UPDATE analytics_events SET source = 'touched' WHERE id = '{id}'"),
+        "analytics_events" => {
+            format!("UPDATE analytics_events SET source = 'touched' WHERE id = '{id}'")
+        }
         _ => format!("UPDATE {table} SET updated_at = now() WHERE id = '{id}'"),
     }
 }
@@ -249,7 +263,9 @@ pub async fn act_as(conn: &mut PgConnection, auth_id: Uuid) -> Result<()> {
         .bind(CREDENTIALS_KEY)
         .execute(&mut *conn)
         .await?;
-    sqlx::query("SET ROLE authenticated").execute(&mut *conn).await?;
+    sqlx::query("SET ROLE authenticated")
+        .execute(&mut *conn)
+        .await?;
     Ok(())
 }
 
@@ -259,31 +275,48 @@ pub async fn act_as_service(conn: &mut PgConnection) -> Result<()> {
     sqlx::query("SELECT set_config('request.jwt.claim.sub', '', false)")
         .execute(&mut *conn)
         .await?;
-    sqlx::query("SET ROLE service_role").execute(&mut *conn).await?;
+    sqlx::query("SET ROLE service_role")
+        .execute(&mut *conn)
+        .await?;
     Ok(())
 }
 
 /// Runs a dynamic statement, returning rows affected.
 pub async fn exec(conn: &mut PgConnection, sql: &str) -> Result<u64, sqlx::Error> {
-    Ok(sqlx::raw_sql(AssertSqlSafe(sql.to_owned())).execute(conn).await?.rows_affected())
+    Ok(sqlx::raw_sql(AssertSqlSafe(sql.to_owned()))
+        .execute(conn)
+        .await?
+        .rows_affected())
 }
 
 /// Runs a dynamic `SELECT count(*) ...`.
 pub async fn count(conn: &mut PgConnection, sql: &str) -> Result<i64> {
-    Ok(sqlx::query_scalar(AssertSqlSafe(sql.to_owned())).fetch_one(conn).await?)
+    Ok(sqlx::query_scalar(AssertSqlSafe(sql.to_owned()))
+        .fetch_one(conn)
+        .await?)
 }
 
 /// The SQLSTATE of a database error, if it is one.
 pub fn sqlstate(err: &sqlx::Error) -> Option<String> {
-    err.as_database_error().and_then(|e| e.code()).map(|c| c.into_owned())
+    err.as_database_error()
+        .and_then(|e| e.code())
+        .map(|c| c.into_owned())
 }
 
 /// Asserts `result` is a database error with SQLSTATE `code`; returns its message.
-pub fn expect_sqlstate<T: std::fmt::Debug>(result: Result<T, sqlx::Error>, code: &str, what: &str) -> String {
+pub fn expect_sqlstate<T: std::fmt::Debug>(
+    result: Result<T, sqlx::Error>,
+    code: &str,
+    what: &str,
+) -> String {
     match result {
         Ok(v) => panic!("{what}: expected SQLSTATE {code}, but it succeeded ({v:?})"),
         Err(e) => {
-            assert_eq!(sqlstate(&e).as_deref(), Some(code), "{what}: unexpected error {e}");
+            assert_eq!(
+                sqlstate(&e).as_deref(),
+                Some(code),
+                "{what}: unexpected error {e}"
+            );
             e.to_string()
         }
     }

@@ -1,6 +1,8 @@
 //! Credit deduction on task completion (deduct_task_credits_trigger).
 
-use bizq_tests::schema_support::{act_as, connect, create_task, create_tenant, create_workspace, exec, expect_sqlstate};
+use bizq_tests::schema_support::{
+    act_as, connect, create_task, create_tenant, create_workspace, exec, expect_sqlstate,
+};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -18,16 +20,22 @@ async fn credits(pool: &PgPool, ws: Uuid) -> anyhow::Result<Credits> {
     .bind(ws)
     .fetch_one(pool)
     .await?;
-    Ok(Credits { balance, used, overdrawn })
+    Ok(Credits {
+        balance,
+        used,
+        overdrawn,
+    })
 }
 
 async fn set_balance(pool: &PgPool, ws: Uuid, balance: i32, limit: i32) -> anyhow::Result<()> {
-    sqlx::query("UPDATE workspaces SET credits_balance = $2, monthly_credit_limit = $3 WHERE id = $1")
-        .bind(ws)
-        .bind(balance)
-        .bind(limit)
-        .execute(pool)
-        .await?;
+    sqlx::query(
+        "UPDATE workspaces SET credits_balance = $2, monthly_credit_limit = $3 WHERE id = $1",
+    )
+    .bind(ws)
+    .bind(balance)
+    .bind(limit)
+    .execute(pool)
+    .await?;
     Ok(())
 }
 
@@ -62,14 +70,38 @@ async fn completions_charge_exact_costs_once(pool: PgPool) -> anyhow::Result<()>
     let t3 = create_task(&pool, ws, None).await?;
     let t4 = create_task(&pool, ws, Some(99)).await?;
     // actual_cost wins over estimated_cost.
-    sqlx::query("UPDATE tasks SET actual_cost = 20 WHERE id = $1").bind(t2).execute(&pool).await?;
+    sqlx::query("UPDATE tasks SET actual_cost = 20 WHERE id = $1")
+        .bind(t2)
+        .execute(&pool)
+        .await?;
 
     complete(&pool, t1).await?;
-    assert_eq!(credits(&pool, ws).await?, Credits { balance: 470, used: 30, overdrawn: 0 });
+    assert_eq!(
+        credits(&pool, ws).await?,
+        Credits {
+            balance: 470,
+            used: 30,
+            overdrawn: 0
+        }
+    );
     complete(&pool, t2).await?;
-    assert_eq!(credits(&pool, ws).await?, Credits { balance: 450, used: 50, overdrawn: 0 });
+    assert_eq!(
+        credits(&pool, ws).await?,
+        Credits {
+            balance: 450,
+            used: 50,
+            overdrawn: 0
+        }
+    );
     complete(&pool, t3).await?; // no cost at all
-    assert_eq!(credits(&pool, ws).await?, Credits { balance: 450, used: 50, overdrawn: 0 });
+    assert_eq!(
+        credits(&pool, ws).await?,
+        Credits {
+            balance: 450,
+            used: 50,
+            overdrawn: 0
+        }
+    );
 
     // Updating an already completed task (status re-set, or other columns) charges nothing.
     complete(&pool, t1).await?;
@@ -77,20 +109,48 @@ async fn completions_charge_exact_costs_once(pool: PgPool) -> anyhow::Result<()>
         .bind(t1)
         .execute(&pool)
         .await?;
-    assert_eq!(credits(&pool, ws).await?, Credits { balance: 450, used: 50, overdrawn: 0 });
+    assert_eq!(
+        credits(&pool, ws).await?,
+        Credits {
+            balance: 450,
+            used: 50,
+            overdrawn: 0
+        }
+    );
 
     // Other transitions charge nothing.
-    sqlx::query("UPDATE tasks SET status = 'processing' WHERE id = $1").bind(t4).execute(&pool).await?;
-    sqlx::query("UPDATE tasks SET status = 'failed' WHERE id = $1").bind(t4).execute(&pool).await?;
-    assert_eq!(credits(&pool, ws).await?, Credits { balance: 450, used: 50, overdrawn: 0 });
+    sqlx::query("UPDATE tasks SET status = 'processing' WHERE id = $1")
+        .bind(t4)
+        .execute(&pool)
+        .await?;
+    sqlx::query("UPDATE tasks SET status = 'failed' WHERE id = $1")
+        .bind(t4)
+        .execute(&pool)
+        .await?;
+    assert_eq!(
+        credits(&pool, ws).await?,
+        Credits {
+            balance: 450,
+            used: 50,
+            overdrawn: 0
+        }
+    );
     complete(&pool, t4).await?;
-    assert_eq!(credits(&pool, ws).await?, Credits { balance: 351, used: 149, overdrawn: 0 });
+    assert_eq!(
+        credits(&pool, ws).await?,
+        Credits {
+            balance: 351,
+            used: 149,
+            overdrawn: 0
+        }
+    );
 
     // completed_at is filled in.
-    let missing: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM tasks WHERE status = 'completed' AND completed_at IS NULL")
-            .fetch_one(&pool)
-            .await?;
+    let missing: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM tasks WHERE status = 'completed' AND completed_at IS NULL",
+    )
+    .fetch_one(&pool)
+    .await?;
     assert_eq!(missing, 0);
     Ok(())
 }
@@ -105,26 +165,55 @@ async fn negative_costs_are_rejected(pool: PgPool) -> anyhow::Result<()> {
         .await;
     let msg = expect_sqlstate(r, "23514", "negative actual_cost");
     assert!(msg.contains("valid_actual_cost"), "{msg}");
-    assert_eq!(credits(&pool, ws).await?, Credits { balance: 100, used: 0, overdrawn: 0 });
+    assert_eq!(
+        credits(&pool, ws).await?,
+        Credits {
+            balance: 100,
+            used: 0,
+            overdrawn: 0
+        }
+    );
     Ok(())
 }
 
 #[sqlx::test(migrations = "../migrations")]
-async fn cost_above_balance_keeps_task_completed_and_records_overdraft(pool: PgPool) -> anyhow::Result<()> {
+async fn cost_above_balance_keeps_task_completed_and_records_overdraft(
+    pool: PgPool,
+) -> anyhow::Result<()> {
     let ws = create_workspace(&pool, "overdraft").await?;
     set_balance(&pool, ws, 40, 1000).await?;
     let task = create_task(&pool, ws, Some(100)).await?;
 
     complete(&pool, task).await?;
 
-    let status: String = sqlx::query_scalar("SELECT status FROM tasks WHERE id = $1").bind(task).fetch_one(&pool).await?;
-    assert_eq!(status, "completed", "the completion must not be rolled back");
-    assert_eq!(credits(&pool, ws).await?, Credits { balance: 0, used: 100, overdrawn: 60 });
+    let status: String = sqlx::query_scalar("SELECT status FROM tasks WHERE id = $1")
+        .bind(task)
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(
+        status, "completed",
+        "the completion must not be rolled back"
+    );
+    assert_eq!(
+        credits(&pool, ws).await?,
+        Credits {
+            balance: 0,
+            used: 100,
+            overdrawn: 60
+        }
+    );
 
     // A further task at balance 0 is entirely overdraft.
     let task2 = create_task(&pool, ws, Some(7)).await?;
     complete(&pool, task2).await?;
-    assert_eq!(credits(&pool, ws).await?, Credits { balance: 0, used: 107, overdrawn: 67 });
+    assert_eq!(
+        credits(&pool, ws).await?,
+        Credits {
+            balance: 0,
+            used: 107,
+            overdrawn: 67
+        }
+    );
     Ok(())
 }
 
@@ -186,26 +275,53 @@ async fn concurrent_completions_are_charged_exactly(pool: PgPool) -> anyhow::Res
         let pool = pool.clone();
         handles.push(tokio::spawn(async move {
             let mut conn = connect(&pool).await?;
-            exec(&mut conn, &format!("UPDATE tasks SET status = 'completed' WHERE id = '{task}'")).await?;
+            exec(
+                &mut conn,
+                &format!("UPDATE tasks SET status = 'completed' WHERE id = '{task}'"),
+            )
+            .await?;
             anyhow::Ok(())
         }));
     }
     for h in handles {
         h.await??;
     }
-    assert_eq!(credits(&pool, ws).await?, Credits { balance: 100_000 - expected, used: expected, overdrawn: 0 });
+    assert_eq!(
+        credits(&pool, ws).await?,
+        Credits {
+            balance: 100_000 - expected,
+            used: expected,
+            overdrawn: 0
+        }
+    );
     Ok(())
 }
 
 #[sqlx::test(migrations = "../migrations")]
-async fn members_completing_tasks_are_charged_despite_lacking_billing_rights(pool: PgPool) -> anyhow::Result<()> {
+async fn members_completing_tasks_are_charged_despite_lacking_billing_rights(
+    pool: PgPool,
+) -> anyhow::Result<()> {
     let a = create_tenant(&pool, "member-completes").await?;
     set_balance(&pool, a.id, 100, 1000).await?;
     let task = create_task(&pool, a.id, Some(95)).await?;
     let mut conn = connect(&pool).await?;
     act_as(&mut conn, a.member.auth_id).await?;
-    assert_eq!(exec(&mut conn, &format!("UPDATE tasks SET status = 'completed' WHERE id = '{task}'")).await?, 1);
-    assert_eq!(credits(&pool, a.id).await?, Credits { balance: 5, used: 95, overdrawn: 0 });
+    assert_eq!(
+        exec(
+            &mut conn,
+            &format!("UPDATE tasks SET status = 'completed' WHERE id = '{task}'")
+        )
+        .await?,
+        1
+    );
+    assert_eq!(
+        credits(&pool, a.id).await?,
+        Credits {
+            balance: 5,
+            used: 95,
+            overdrawn: 0
+        }
+    );
     assert_eq!(low_credit_events(&pool, a.id).await?.len(), 1);
     Ok(())
 }

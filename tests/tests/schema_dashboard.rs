@@ -1,6 +1,8 @@
 //! workspace_dashboard and task_performance views.
 
-use bizq_tests::schema_support::{act_as, connect, count, create_task, create_tenant, create_workspace};
+use bizq_tests::schema_support::{
+    act_as, connect, count, create_task, create_tenant, create_workspace,
+};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -28,7 +30,13 @@ async fn dashboard(pool: &PgPool, ws: Uuid) -> anyhow::Result<Dashboard> {
     .await?)
 }
 
-async fn add_order(pool: &PgPool, ws: Uuid, amount: &str, status: &str, age: &str) -> anyhow::Result<()> {
+async fn add_order(
+    pool: &PgPool,
+    ws: Uuid,
+    amount: &str,
+    status: &str,
+    age: &str,
+) -> anyhow::Result<()> {
     sqlx::query(
         "INSERT INTO orders (workspace_id, external_id, total_amount, status, order_date, line_items)
          VALUES ($1, gen_random_uuid()::text, $2::numeric, $3, now() - $4::interval, '[]')",
@@ -52,7 +60,11 @@ async fn add_product(pool: &PgPool, ws: Uuid, status: &str) -> anyhow::Result<()
 }
 
 async fn set_status(pool: &PgPool, task: Uuid, status: &str) -> anyhow::Result<()> {
-    sqlx::query("UPDATE tasks SET status = $2 WHERE id = $1").bind(task).bind(status).execute(pool).await?;
+    sqlx::query("UPDATE tasks SET status = $2 WHERE id = $1")
+        .bind(task)
+        .bind(status)
+        .execute(pool)
+        .await?;
     Ok(())
 }
 
@@ -110,7 +122,13 @@ async fn dashboard_windows_and_exclusions(pool: PgPool) -> anyhow::Result<()> {
     assert_eq!((d.revenue_30d.as_str(), d.orders_today), ("10.00", 2));
     let e = dashboard(&pool, empty).await?;
     assert_eq!(
-        (e.pending_tasks, e.tasks_completed_today, e.revenue_30d.as_str(), e.orders_today, e.total_products),
+        (
+            e.pending_tasks,
+            e.tasks_completed_today,
+            e.revenue_30d.as_str(),
+            e.orders_today,
+            e.total_products
+        ),
         (0, 0, "0", 0, 0)
     );
 
@@ -131,11 +149,15 @@ async fn dashboard_windows_and_exclusions(pool: PgPool) -> anyhow::Result<()> {
     assert_eq!(dashboard(&pool, ws).await?.tasks_completed_today, 1);
 
     // Soft-deleted workspaces are not shown.
-    sqlx::query("UPDATE workspaces SET deleted_at = now() WHERE id = $1").bind(empty).execute(&pool).await?;
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM workspace_dashboard WHERE workspace_id = $1")
+    sqlx::query("UPDATE workspaces SET deleted_at = now() WHERE id = $1")
         .bind(empty)
-        .fetch_one(&pool)
+        .execute(&pool)
         .await?;
+    let n: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM workspace_dashboard WHERE workspace_id = $1")
+            .bind(empty)
+            .fetch_one(&pool)
+            .await?;
     assert_eq!(n, 0);
     Ok(())
 }
@@ -145,15 +167,29 @@ async fn today_is_the_workspace_local_day(pool: PgPool) -> anyhow::Result<()> {
     // Kiritimati is UTC+14, Pago Pago UTC-11: their "today" starts at different instants.
     for tz in ["Pacific/Kiritimati", "Pacific/Pago_Pago", "UTC"] {
         let ws = create_workspace(&pool, &format!("tz-{tz}")).await?;
-        sqlx::query("UPDATE workspaces SET timezone = $2 WHERE id = $1").bind(ws).bind(tz).execute(&pool).await?;
+        sqlx::query("UPDATE workspaces SET timezone = $2 WHERE id = $1")
+            .bind(ws)
+            .bind(tz)
+            .execute(&pool)
+            .await?;
         // Completed one second after local midnight (always <= now) and one second before it.
         let local_midnight = "((now() AT TIME ZONE $2)::date::timestamp AT TIME ZONE $2)";
         for offset in ["interval '1 second'", "-interval '1 second'"] {
             let task = create_task(&pool, ws, None).await?;
-            let sql = format!("UPDATE tasks SET status = 'completed', completed_at = {local_midnight} + {offset} WHERE id = $1");
-            sqlx::query(sqlx::AssertSqlSafe(sql)).bind(task).bind(tz).execute(&pool).await?;
+            let sql = format!(
+                "UPDATE tasks SET status = 'completed', completed_at = {local_midnight} + {offset} WHERE id = $1"
+            );
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(task)
+                .bind(tz)
+                .execute(&pool)
+                .await?;
         }
-        assert_eq!(dashboard(&pool, ws).await?.tasks_completed_today, 1, "timezone {tz}");
+        assert_eq!(
+            dashboard(&pool, ws).await?.tasks_completed_today,
+            1,
+            "timezone {tz}"
+        );
     }
     Ok(())
 }
@@ -165,10 +201,19 @@ async fn views_respect_row_level_security(pool: PgPool) -> anyhow::Result<()> {
     create_task(&pool, b.id, None).await?;
     let mut conn = connect(&pool).await?;
     act_as(&mut conn, a.member.auth_id).await?;
-    assert_eq!(count(&mut conn, "SELECT count(*) FROM workspace_dashboard").await?, 1);
-    let sql = format!("SELECT count(*) FROM workspace_dashboard WHERE workspace_id = '{}'", a.id);
+    assert_eq!(
+        count(&mut conn, "SELECT count(*) FROM workspace_dashboard").await?,
+        1
+    );
+    let sql = format!(
+        "SELECT count(*) FROM workspace_dashboard WHERE workspace_id = '{}'",
+        a.id
+    );
     assert_eq!(count(&mut conn, &sql).await?, 1);
-    assert_eq!(count(&mut conn, "SELECT count(*) FROM task_performance").await?, 0);
+    assert_eq!(
+        count(&mut conn, "SELECT count(*) FROM task_performance").await?,
+        0
+    );
     Ok(())
 }
 
@@ -201,15 +246,19 @@ async fn task_performance_success_rate(pool: PgPool) -> anyhow::Result<()> {
     assert_eq!(total, 5);
     let rate = rate.expect("success rate");
     assert!((rate - 2.0 / 3.0).abs() < 1e-9, "rate {rate}");
-    assert_eq!(avg_time.as_deref().map(|s| s.parse::<f64>().unwrap()), Some(200.0));
+    assert_eq!(
+        avg_time.as_deref().map(|s| s.parse::<f64>().unwrap()),
+        Some(200.0)
+    );
 
     // Nothing finished: NULL, not a division by zero.
     let idle = create_workspace(&pool, "perf-idle").await?;
     create_task(&pool, idle, None).await?;
-    let rate: Option<f64> = sqlx::query_scalar("SELECT success_rate FROM task_performance WHERE workspace_id = $1")
-        .bind(idle)
-        .fetch_one(&pool)
-        .await?;
+    let rate: Option<f64> =
+        sqlx::query_scalar("SELECT success_rate FROM task_performance WHERE workspace_id = $1")
+            .bind(idle)
+            .fetch_one(&pool)
+            .await?;
     assert_eq!(rate, None);
     Ok(())
 }

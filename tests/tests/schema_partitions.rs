@@ -1,13 +1,17 @@
 //! analytics_events is range-partitioned by month; ensure_analytics_partitions() manages it.
 
-use bizq_tests::schema_support::{act_as, act_as_service, connect, create_tenant, create_workspace, exec, expect_sqlstate};
+use bizq_tests::schema_support::{
+    act_as, act_as_service, connect, create_tenant, create_workspace, exec, expect_sqlstate,
+};
 use chrono::{Datelike, Months, Utc};
 use sqlx::PgPool;
 use uuid::Uuid;
 
 fn partition_name(months_from_now: u32) -> String {
     let first = Utc::now().date_naive().with_day(1).expect("day 1");
-    let d = first.checked_add_months(Months::new(months_from_now)).expect("month");
+    let d = first
+        .checked_add_months(Months::new(months_from_now))
+        .expect("month");
     format!("analytics_events_y{:04}m{:02}", d.year(), d.month())
 }
 
@@ -21,7 +25,11 @@ async fn partitions(pool: &PgPool) -> anyhow::Result<Vec<String>> {
 }
 
 /// Inserts an event `months_from_now` months ahead (day 15, noon UTC); returns (id, partition).
-async fn insert_event(pool: &PgPool, ws: Uuid, months_from_now: i32) -> anyhow::Result<(Uuid, String)> {
+async fn insert_event(
+    pool: &PgPool,
+    ws: Uuid,
+    months_from_now: i32,
+) -> anyhow::Result<(Uuid, String)> {
     Ok(sqlx::query_as(
         "INSERT INTO analytics_events (workspace_id, event_type, event_name, occurred_at)
          VALUES ($1, 'test', 'future', date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
@@ -35,16 +43,25 @@ async fn insert_event(pool: &PgPool, ws: Uuid, months_from_now: i32) -> anyhow::
 }
 
 async fn partition_of(pool: &PgPool, id: Uuid) -> anyhow::Result<String> {
-    Ok(sqlx::query_scalar("SELECT tableoid::regclass::text FROM analytics_events WHERE id = $1")
-        .bind(id)
-        .fetch_one(pool)
-        .await?)
+    Ok(
+        sqlx::query_scalar("SELECT tableoid::regclass::text FROM analytics_events WHERE id = $1")
+            .bind(id)
+            .fetch_one(pool)
+            .await?,
+    )
 }
 
 #[sqlx::test(migrations = "../migrations")]
-async fn migration_creates_default_and_three_monthly_partitions(pool: PgPool) -> anyhow::Result<()> {
+async fn migration_creates_default_and_three_monthly_partitions(
+    pool: PgPool,
+) -> anyhow::Result<()> {
     let parts = partitions(&pool).await?;
-    for expected in ["analytics_events_default".to_string(), partition_name(0), partition_name(1), partition_name(2)] {
+    for expected in [
+        "analytics_events_default".to_string(),
+        partition_name(0),
+        partition_name(1),
+        partition_name(2),
+    ] {
         assert!(parts.contains(&expected), "missing {expected} in {parts:?}");
     }
     let strategy: String = sqlx::query_scalar(
@@ -64,8 +81,14 @@ async fn migration_creates_default_and_three_monthly_partitions(pool: PgPool) ->
     let ws = create_workspace(&pool, "routing").await?;
     assert_eq!(insert_event(&pool, ws, 0).await?.1, partition_name(0));
     assert_eq!(insert_event(&pool, ws, 2).await?.1, partition_name(2));
-    assert_eq!(insert_event(&pool, ws, 40).await?.1, "analytics_events_default");
-    assert_eq!(insert_event(&pool, ws, -30).await?.1, "analytics_events_default");
+    assert_eq!(
+        insert_event(&pool, ws, 40).await?.1,
+        "analytics_events_default"
+    );
+    assert_eq!(
+        insert_event(&pool, ws, -30).await?.1,
+        "analytics_events_default"
+    );
     Ok(())
 }
 
@@ -76,19 +99,27 @@ async fn ensure_moves_rows_out_of_the_default_partition(pool: PgPool) -> anyhow:
     assert_eq!(p, "analytics_events_default");
     let (later, _) = insert_event(&pool, ws, 5).await?;
     let (far, _) = insert_event(&pool, ws, 9).await?;
-    let before: i64 = sqlx::query_scalar("SELECT count(*) FROM analytics_events").fetch_one(&pool).await?;
+    let before: i64 = sqlx::query_scalar("SELECT count(*) FROM analytics_events")
+        .fetch_one(&pool)
+        .await?;
 
     // Months +3..+6 are new.
-    let created: i32 = sqlx::query_scalar("SELECT ensure_analytics_partitions(6)").fetch_one(&pool).await?;
+    let created: i32 = sqlx::query_scalar("SELECT ensure_analytics_partitions(6)")
+        .fetch_one(&pool)
+        .await?;
     assert_eq!(created, 4);
     assert_eq!(partition_of(&pool, early).await?, partition_name(4));
     assert_eq!(partition_of(&pool, later).await?, partition_name(5));
     assert_eq!(partition_of(&pool, far).await?, "analytics_events_default");
-    let after: i64 = sqlx::query_scalar("SELECT count(*) FROM analytics_events").fetch_one(&pool).await?;
+    let after: i64 = sqlx::query_scalar("SELECT count(*) FROM analytics_events")
+        .fetch_one(&pool)
+        .await?;
     assert_eq!(after, before, "rows lost or duplicated while moving");
 
     // Idempotent.
-    let again: i32 = sqlx::query_scalar("SELECT ensure_analytics_partitions(6)").fetch_one(&pool).await?;
+    let again: i32 = sqlx::query_scalar("SELECT ensure_analytics_partitions(6)")
+        .fetch_one(&pool)
+        .await?;
     assert_eq!(again, 0);
 
     // The attached partition has the parent's indexes and foreign keys, and RLS enabled.
@@ -102,10 +133,11 @@ async fn ensure_moves_rows_out_of_the_default_partition(pool: PgPool) -> anyhow:
     .bind(&name)
     .fetch_one(&pool)
     .await?;
-    let parent_indexes: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM pg_index WHERE indrelid = 'analytics_events'::regclass")
-            .fetch_one(&pool)
-            .await?;
+    let parent_indexes: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_index WHERE indrelid = 'analytics_events'::regclass",
+    )
+    .fetch_one(&pool)
+    .await?;
     assert_eq!(indexes, parent_indexes);
     assert!(fks >= 6, "{name} has {fks} foreign keys");
     assert!(rls, "{name} has RLS disabled");
@@ -130,7 +162,9 @@ async fn concurrent_calls_create_each_partition_once(pool: PgPool) -> anyhow::Re
         let pool = pool.clone();
         handles.push(tokio::spawn(async move {
             let mut conn = connect(&pool).await?;
-            let n: i32 = sqlx::query_scalar("SELECT ensure_analytics_partitions(8)").fetch_one(&mut conn).await?;
+            let n: i32 = sqlx::query_scalar("SELECT ensure_analytics_partitions(8)")
+                .fetch_one(&mut conn)
+                .await?;
             anyhow::Ok(n)
         }));
     }
@@ -139,7 +173,9 @@ async fn concurrent_calls_create_each_partition_once(pool: PgPool) -> anyhow::Re
         total += h.await??;
     }
     assert_eq!(total, 6, "months +3..+8 created exactly once overall");
-    let in_default: i64 = sqlx::query_scalar("SELECT count(*) FROM analytics_events_default").fetch_one(&pool).await?;
+    let in_default: i64 = sqlx::query_scalar("SELECT count(*) FROM analytics_events_default")
+        .fetch_one(&pool)
+        .await?;
     assert_eq!(in_default, 0);
     Ok(())
 }
@@ -149,9 +185,15 @@ async fn only_service_role_manages_partitions(pool: PgPool) -> anyhow::Result<()
     let a = create_tenant(&pool, "partition-perms").await?;
     let mut conn = connect(&pool).await?;
     act_as(&mut conn, a.owner.auth_id).await?;
-    expect_sqlstate(exec(&mut conn, "SELECT ensure_analytics_partitions(12)").await, "42501", "authenticated");
+    expect_sqlstate(
+        exec(&mut conn, "SELECT ensure_analytics_partitions(12)").await,
+        "42501",
+        "authenticated",
+    );
     act_as_service(&mut conn).await?;
-    let n: i32 = sqlx::query_scalar("SELECT ensure_analytics_partitions(3)").fetch_one(&mut conn).await?;
+    let n: i32 = sqlx::query_scalar("SELECT ensure_analytics_partitions(3)")
+        .fetch_one(&mut conn)
+        .await?;
     assert_eq!(n, 1);
     assert!(partitions(&pool).await?.contains(&partition_name(3)));
     Ok(())

@@ -1,8 +1,8 @@
 //! stores.credentials is encrypted at rest; store_credentials() decrypts for service_role only.
 
 use bizq_tests::schema_support::{
-    CREDENTIALS_KEY, act_as, act_as_service, connect, create_store, create_tenant, create_workspace, exec,
-    expect_sqlstate,
+    CREDENTIALS_KEY, act_as, act_as_service, connect, create_store, create_tenant,
+    create_workspace, exec, expect_sqlstate,
 };
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
@@ -14,20 +14,36 @@ fn plaintext() -> serde_json::Value {
 }
 
 async fn raw_credentials(pool: &PgPool, store: Uuid) -> anyhow::Result<String> {
-    Ok(sqlx::query_scalar("SELECT credentials::text FROM stores WHERE id = $1").bind(store).fetch_one(pool).await?)
+    Ok(
+        sqlx::query_scalar("SELECT credentials::text FROM stores WHERE id = $1")
+            .bind(store)
+            .fetch_one(pool)
+            .await?,
+    )
 }
 
-async fn decrypt(conn: &mut PgConnection, store: Uuid) -> Result<Option<serde_json::Value>, sqlx::Error> {
-    sqlx::query_scalar("SELECT store_credentials($1)").bind(store).fetch_one(conn).await
+async fn decrypt(
+    conn: &mut PgConnection,
+    store: Uuid,
+) -> Result<Option<serde_json::Value>, sqlx::Error> {
+    sqlx::query_scalar("SELECT store_credentials($1)")
+        .bind(store)
+        .fetch_one(conn)
+        .await
 }
 
 async fn set_key(conn: &mut PgConnection, key: &str) -> anyhow::Result<()> {
-    sqlx::query("SELECT set_config('bizq.credentials_key', $1, false)").bind(key).execute(conn).await?;
+    sqlx::query("SELECT set_config('bizq.credentials_key', $1, false)")
+        .bind(key)
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
 #[sqlx::test(migrations = "../migrations")]
-async fn credentials_are_stored_encrypted_and_decrypt_for_service_role(pool: PgPool) -> anyhow::Result<()> {
+async fn credentials_are_stored_encrypted_and_decrypt_for_service_role(
+    pool: PgPool,
+) -> anyhow::Result<()> {
     let ws = create_workspace(&pool, "stores").await?;
     let store = create_store(&pool, ws, plaintext()).await?;
 
@@ -43,18 +59,31 @@ async fn credentials_are_stored_encrypted_and_decrypt_for_service_role(pool: PgP
     act_as_service(&mut conn).await?;
     set_key(&mut conn, CREDENTIALS_KEY).await?;
     assert_eq!(decrypt(&mut conn, store).await?, Some(plaintext()));
-    assert_eq!(decrypt(&mut conn, Uuid::new_v4()).await?, None, "unknown store");
+    assert_eq!(
+        decrypt(&mut conn, Uuid::new_v4()).await?,
+        None,
+        "unknown store"
+    );
 
     // Updating other columns keeps the envelope; updating credentials re-encrypts.
-    exec(&mut conn, &format!("UPDATE stores SET name = 'Renamed' WHERE id = '{store}'")).await?;
+    exec(
+        &mut conn,
+        &format!("UPDATE stores SET name = 'Renamed' WHERE id = '{store}'"),
+    )
+    .await?;
     assert_eq!(raw_credentials(&pool, store).await?, raw);
     exec(&mut conn, &format!("UPDATE stores SET credentials = '{{\"access_token\": \"rotated\"}}' WHERE id = '{store}'")).await?;
     assert!(!raw_credentials(&pool, store).await?.contains("rotated"));
-    assert_eq!(decrypt(&mut conn, store).await?, Some(serde_json::json!({"access_token": "rotated"})));
+    assert_eq!(
+        decrypt(&mut conn, store).await?,
+        Some(serde_json::json!({"access_token": "rotated"}))
+    );
 
     // Wrong key: an error that does not echo the key.
     set_key(&mut conn, "not-the-key").await?;
-    let err = decrypt(&mut conn, store).await.expect_err("wrong key must fail");
+    let err = decrypt(&mut conn, store)
+        .await
+        .expect_err("wrong key must fail");
     assert!(!err.to_string().contains("not-the-key"), "{err}");
     Ok(())
 }
@@ -73,14 +102,20 @@ async fn missing_key_is_an_error_never_plaintext(pool: PgPool) -> anyhow::Result
     let msg = expect_sqlstate(r, "55000", "insert without key");
     assert!(msg.contains("encryption key"), "{msg}");
     assert!(!msg.contains(SECRET), "{msg}");
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM stores").fetch_one(&pool).await?;
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM stores")
+        .fetch_one(&pool)
+        .await?;
     assert_eq!(n, 0);
 
     // Reading without a key fails as well.
     let store = create_store(&pool, ws, plaintext()).await?;
     let mut conn = connect(&pool).await?;
     act_as_service(&mut conn).await?;
-    expect_sqlstate(decrypt(&mut conn, store).await, "55000", "decrypt without key");
+    expect_sqlstate(
+        decrypt(&mut conn, store).await,
+        "55000",
+        "decrypt without key",
+    );
     Ok(())
 }
 
@@ -110,7 +145,11 @@ async fn authenticated_users_cannot_decrypt(pool: PgPool) -> anyhow::Result<()> 
     let store = create_store(&pool, a.id, plaintext()).await?;
     let mut conn = connect(&pool).await?;
     act_as(&mut conn, a.owner.auth_id).await?; // even the owner, with the key set
-    expect_sqlstate(decrypt(&mut conn, store).await, "42501", "authenticated calls store_credentials");
+    expect_sqlstate(
+        decrypt(&mut conn, store).await,
+        "42501",
+        "authenticated calls store_credentials",
+    );
     // The owner can read the row, but only sees the envelope.
     let raw: String = sqlx::query_scalar("SELECT credentials::text FROM stores WHERE id = $1")
         .bind(store)
