@@ -166,12 +166,19 @@ DECLARE
   policy TEXT := COALESCE(NULLIF(current_setting('bizq.dependency_failure_policy', true), ''), 'cancel');
   unblocked INTEGER;
 BEGIN
+  -- Dependents are locked in id order, like every other multi-row lock of the engine, so two
+  -- parents completing at once cannot deadlock over their shared children.
   IF NEW.status = 'completed' THEN
     UPDATE tasks t
        SET deps_remaining = t.deps_remaining - 1
-      FROM task_dependencies d
-     WHERE d.depends_on_id = NEW.id
-       AND t.id = d.task_id
+     WHERE t.id IN (SELECT c.id
+                      FROM tasks c
+                      JOIN task_dependencies d ON d.task_id = c.id
+                     WHERE d.depends_on_id = NEW.id
+                       AND c.status = 'pending'
+                       AND c.deps_remaining > 0
+                     ORDER BY c.id
+                       FOR UPDATE OF c)
        AND t.status = 'pending'
        AND t.deps_remaining > 0;
     GET DIAGNOSTICS unblocked = ROW_COUNT;
@@ -189,9 +196,13 @@ BEGIN
              'dependency', NEW.id,
              'dependency_status', NEW.status,
              'attempt', t.attempt)
-      FROM task_dependencies d
-     WHERE d.depends_on_id = NEW.id
-       AND t.id = d.task_id
+     WHERE t.id IN (SELECT c.id
+                      FROM tasks c
+                      JOIN task_dependencies d ON d.task_id = c.id
+                     WHERE d.depends_on_id = NEW.id
+                       AND c.status IN ('pending', 'queued')
+                     ORDER BY c.id
+                       FOR UPDATE OF c)
        AND t.status IN ('pending', 'queued');
   END IF;
   RETURN NULL;

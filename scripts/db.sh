@@ -5,8 +5,10 @@
 #   scripts/db.sh start   start (creating on first use) the private cluster and the `bizq` database
 #   scripts/db.sh stop    stop the private cluster
 #   scripts/db.sh status  say whether it runs, and where
+#   scripts/db.sh restart restart it (the tests use this to check that the fleet reconnects)
 #   scripts/db.sh destroy stop it and delete its data directory
 #
+# BIZQ_PG_DIR chooses another directory for the cluster (tests start throwaway ones).
 # When $DATABASE_URL is already set, `url` and `start` use it as is and start nothing.
 # Otherwise a private cluster lives under .bizq/pg (git-ignored), owned by the `postgres`
 # OS user when this runs as root (initdb refuses root), listening on 127.0.0.1 on a free port.
@@ -42,13 +44,16 @@ as_owner() {
 
 # The data directory must be reachable by the `postgres` user; a clone under /root is not,
 # so fall back to a per-checkout directory under /tmp.
+default_base() { echo "${BIZQ_PG_DIR:-$root/.bizq/pg}"; }
+fallback_base() { echo "${TMPDIR:-/tmp}/bizq-pg-$(echo -n "$(default_base)" | md5sum | cut -c1-10)"; }
+
 pick_base() {
-  local base="$root/.bizq/pg"
+  local base; base="$(default_base)"
   if [ "$(id -u)" = 0 ]; then
     mkdir -p "$base"
     chown postgres: "$base"
     if ! runuser -u postgres -- test -w "$base"; then
-      base="${TMPDIR:-/tmp}/bizq-pg-$(echo -n "$root" | md5sum | cut -c1-10)"
+      base="$(fallback_base)"
       mkdir -p "$base"; chown postgres: "$base"
     fi
   else
@@ -122,15 +127,18 @@ case "$cmd" in
   start)
     if [ -n "${DATABASE_URL:-}" ]; then log "DATABASE_URL is set; using it, nothing to start"; exit 0; fi
     base="$(start)"; log "running: $(cluster_url "$base")" ;;
-  stop|destroy|status)
+  stop|destroy|status|restart)
     bindir="$(find_bindir)" || { log "no PostgreSQL binaries"; exit 3; }
-    for base in "$root/.bizq/pg" "${TMPDIR:-/tmp}/bizq-pg-$(echo -n "$root" | md5sum | cut -c1-10)"; do
+    for base in "$(default_base)" "$(fallback_base)"; do
       [ -f "$base/data/PG_VERSION" ] || continue
       case "$cmd" in
         status)
           if as_owner "$bindir/pg_ctl" -D "$base/data" status >/dev/null 2>&1; then
             log "running: $(cluster_url "$base")"
           else log "stopped ($base/data)"; fi ;;
+        restart)
+          as_owner "$bindir/pg_ctl" -D "$base/data" -m fast -w -t 60 -l "$base/server.log" restart >/dev/null
+          log "restarted: $(cluster_url "$base")" ;;
         *)
           as_owner "$bindir/pg_ctl" -D "$base/data" -m fast stop >/dev/null 2>&1 || true
           log "stopped ($base/data)"

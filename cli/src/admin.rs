@@ -24,11 +24,10 @@ pub async fn pool(url: &str) -> anyhow::Result<PgPool> {
 
 pub async fn migrate(url: &str) -> anyhow::Result<()> {
     let pool = pool(url).await?;
-    let before: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM pg_tables WHERE tablename = '_sqlx_migrations'",
-    )
-    .fetch_one(&pool)
-    .await?;
+    let before: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_tables WHERE tablename = '_sqlx_migrations'")
+            .fetch_one(&pool)
+            .await?;
     let applied_before: Vec<i64> = if before > 0 {
         sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
             .fetch_all(&pool)
@@ -45,7 +44,10 @@ pub async fn migrate(url: &str) -> anyhow::Result<()> {
         }
     }
     if n == 0 {
-        println!("schema is current ({} migrations); nothing to do", db::MIGRATOR.iter().count());
+        println!(
+            "schema is current ({} migrations); nothing to do",
+            db::MIGRATOR.iter().count()
+        );
     }
     Ok(())
 }
@@ -83,12 +85,11 @@ pub struct EnqueueArgs {
 }
 
 async fn workspace_id(pool: &PgPool, slug_or_id: &str) -> anyhow::Result<Uuid> {
-    let id: Option<Uuid> = sqlx::query_scalar(
-        "SELECT id FROM workspaces WHERE slug = $1 OR id::text = $1 LIMIT 1",
-    )
-    .bind(slug_or_id.to_string())
-    .fetch_optional(pool)
-    .await?;
+    let id: Option<Uuid> =
+        sqlx::query_scalar("SELECT id FROM workspaces WHERE slug = $1 OR id::text = $1 LIMIT 1")
+            .bind(slug_or_id.to_string())
+            .fetch_optional(pool)
+            .await?;
     id.with_context(|| format!("no workspace with slug or id '{slug_or_id}'"))
 }
 
@@ -154,7 +155,10 @@ pub async fn list(pool: &PgPool, a: ListArgs) -> anyhow::Result<()> {
     .bind(a.limit)
     .fetch_all(pool)
     .await?;
-    println!("{:<36}  {:<16} {:<10} {:>3} {:>3}  {:<19}  note", "id", "type", "status", "pri", "att", "created");
+    println!(
+        "{:<36}  {:<16} {:<10} {:>3} {:>3}  {:<19}  note",
+        "id", "type", "status", "pri", "att", "created"
+    );
     for r in rows {
         let created: chrono::DateTime<chrono::Utc> = r.try_get("created_at")?;
         println!(
@@ -191,40 +195,94 @@ pub async fn inspect(pool: &PgPool, id: Uuid) -> anyhow::Result<()> {
         v.map_or("-".into(), |v| v.to_string())
     }
     let ts = |c: &str| -> anyhow::Result<String> {
-        Ok(opt(row.try_get::<Option<chrono::DateTime<chrono::Utc>>, _>(c)?))
+        Ok(opt(
+            row.try_get::<Option<chrono::DateTime<chrono::Utc>>, _>(c)?
+        ))
     };
     println!("task           {}", row.try_get::<Uuid, _>("id")?);
-    println!("workspace      {} ({})", row.try_get::<String, _>("slug")?, row.try_get::<Uuid, _>("workspace_id")?);
-    println!("type / name    {} / {}", row.try_get::<String, _>("type")?, row.try_get::<String, _>("name")?);
+    println!(
+        "workspace      {} ({})",
+        row.try_get::<String, _>("slug")?,
+        row.try_get::<Uuid, _>("workspace_id")?
+    );
+    println!(
+        "type / name    {} / {}",
+        row.try_get::<String, _>("type")?,
+        row.try_get::<String, _>("name")?
+    );
     println!("status         {}", row.try_get::<String, _>("status")?);
-    println!("wait reason    {}", opt(row.try_get::<Option<String>, _>("wait_reason")?));
+    println!(
+        "wait reason    {}",
+        opt(row.try_get::<Option<String>, _>("wait_reason")?)
+    );
     println!("priority       {}", row.try_get::<i32, _>("priority")?);
-    println!("attempt        {} (max {})", row.try_get::<i32, _>("attempt")?, opt(row.try_get::<Option<i32>, _>("max_attempts")?));
-    println!("worker         {} ({}), lease until {}", opt(row.try_get::<Option<String>, _>("locked_by")?), opt(row.try_get::<Option<String>, _>("worker_type")?), ts("lease_expires_at")?);
+    println!(
+        "attempt        {} (max {})",
+        row.try_get::<i32, _>("attempt")?,
+        opt(row.try_get::<Option<i32>, _>("max_attempts")?)
+    );
+    println!(
+        "worker         {} ({}), lease until {}",
+        opt(row.try_get::<Option<String>, _>("locked_by")?),
+        opt(row.try_get::<Option<String>, _>("worker_type")?),
+        ts("lease_expires_at")?
+    );
     let deps: Option<Vec<Uuid>> = row.try_get("depends_on")?;
     let deps = deps.unwrap_or_default();
-    println!("depends on     {} ({} unfinished)", if deps.is_empty() { "-".to_string() } else { deps.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ") }, opt(row.try_get::<Option<i32>, _>("deps_remaining")?));
+    println!(
+        "depends on     {} ({} unfinished)",
+        if deps.is_empty() {
+            "-".to_string()
+        } else {
+            deps.iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        },
+        opt(row.try_get::<Option<i32>, _>("deps_remaining")?)
+    );
     println!("scheduled for  {}", ts("scheduled_for")?);
     println!("created        {}", ts("created_at")?);
     println!("started        {}", ts("started_at")?);
     println!("completed      {}", ts("completed_at")?);
-    println!("time           {} ms", opt(row.try_get::<Option<i32>, _>("processing_time_ms")?));
-    println!("cost           estimated {}, actual {}, reserved {}", opt(row.try_get::<Option<i32>, _>("estimated_cost")?), opt(row.try_get::<Option<i32>, _>("actual_cost")?), row.try_get::<i32, _>("reserved_credits")?);
-    println!("provider/model {} / {}", opt(row.try_get::<Option<String>, _>("ai_provider")?), opt(row.try_get::<Option<String>, _>("ai_model")?));
+    println!(
+        "time           {} ms",
+        opt(row.try_get::<Option<i32>, _>("processing_time_ms")?)
+    );
+    println!(
+        "cost           estimated {}, actual {}, reserved {}",
+        opt(row.try_get::<Option<i32>, _>("estimated_cost")?),
+        opt(row.try_get::<Option<i32>, _>("actual_cost")?),
+        row.try_get::<i32, _>("reserved_credits")?
+    );
+    println!(
+        "provider/model {} / {}",
+        opt(row.try_get::<Option<String>, _>("ai_provider")?),
+        opt(row.try_get::<Option<String>, _>("ai_model")?)
+    );
     for col in ["input", "output", "error_details", "cost_breakdown"] {
         let v: Option<Value> = row.try_get(col)?;
-        println!("{col}:\n{}", v.map_or("  -".to_string(), |v| serde_json::to_string_pretty(&v).unwrap_or_default()));
+        println!(
+            "{col}:\n{}",
+            v.map_or("  -".to_string(), |v| serde_json::to_string_pretty(&v)
+                .unwrap_or_default())
+        );
     }
     Ok(())
 }
 
 pub async fn stats(pool: &PgPool) -> anyhow::Result<()> {
-    let rows = sqlx::query("SELECT status, count(*) AS n FROM tasks GROUP BY status ORDER BY status")
-        .fetch_all(pool)
-        .await?;
+    let rows =
+        sqlx::query("SELECT status, count(*) AS n FROM tasks GROUP BY status ORDER BY status")
+            .fetch_all(pool)
+            .await?;
     println!("tasks by status:");
     for r in rows {
-        println!("  {:<11} {:>9}", r.try_get::<String, _>("status")?, r.try_get::<i64, _>("n")?);
+        println!(
+            "  {:<11} {:>9}",
+            r.try_get::<String, _>("status")?,
+            r.try_get::<i64, _>("n")?
+        );
     }
     let row = sqlx::query(
         "SELECT (SELECT EXTRACT(EPOCH FROM now() - min(created_at))::float8 FROM tasks WHERE status = 'queued') AS oldest_queued_s,
@@ -234,10 +292,23 @@ pub async fn stats(pool: &PgPool) -> anyhow::Result<()> {
     )
     .fetch_one(pool)
     .await?;
-    println!("oldest queued task waits: {}", row.try_get::<Option<f64>, _>("oldest_queued_s")?.map_or("-".into(), |s| format!("{s:.1} s")));
-    println!("completed in the last minute: {}", row.try_get::<i64, _>("done_1m")?);
-    println!("pending on dependencies: {}", row.try_get::<i64, _>("blocked")?);
-    println!("parked (workspace cannot pay / not active): {}", row.try_get::<i64, _>("parked")?);
+    println!(
+        "oldest queued task waits: {}",
+        row.try_get::<Option<f64>, _>("oldest_queued_s")?
+            .map_or("-".into(), |s| format!("{s:.1} s"))
+    );
+    println!(
+        "completed in the last minute: {}",
+        row.try_get::<i64, _>("done_1m")?
+    );
+    println!(
+        "pending on dependencies: {}",
+        row.try_get::<i64, _>("blocked")?
+    );
+    println!(
+        "parked (workspace cannot pay / not active): {}",
+        row.try_get::<i64, _>("parked")?
+    );
     let ws = sqlx::query(
         "SELECT slug, plan, credits_balance, credits_reserved, credits_used_this_month, monthly_credit_limit
            FROM workspaces ORDER BY slug LIMIT 20",
@@ -252,8 +323,10 @@ pub async fn stats(pool: &PgPool) -> anyhow::Result<()> {
             r.try_get::<String, _>("plan")?,
             r.try_get::<i32, _>("credits_balance")?,
             r.try_get::<i32, _>("credits_reserved")?,
-            r.try_get::<Option<i32>, _>("credits_used_this_month")?.unwrap_or(0),
-            r.try_get::<Option<i32>, _>("monthly_credit_limit")?.map_or("-".into(), |v| v.to_string()),
+            r.try_get::<Option<i32>, _>("credits_used_this_month")?
+                .unwrap_or(0),
+            r.try_get::<Option<i32>, _>("monthly_credit_limit")?
+                .map_or("-".into(), |v| v.to_string()),
         );
     }
     Ok(())

@@ -59,7 +59,10 @@ async fn seed_workspace(pool: &PgPool) -> anyhow::Result<Uuid> {
 }
 
 async fn plan(pool: &PgPool, ws: Uuid, n: usize) -> anyhow::Result<Planned> {
-    let mut p = Planned { ids: Vec::new(), labels: BTreeMap::new() };
+    let mut p = Planned {
+        ids: Vec::new(),
+        labels: BTreeMap::new(),
+    };
     let add = |id: Uuid, label: String, p: &mut Planned| {
         p.ids.push(id);
         p.labels.insert(id, label);
@@ -72,54 +75,124 @@ async fn plan(pool: &PgPool, ws: Uuid, n: usize) -> anyhow::Result<Planned> {
         t
     };
     // A blog pipeline: outline -> three sections (fan-out) -> assembly (fan-in).
-    let outline = lifecycle::enqueue(pool, &task("blog outline", "Outline a post on sustainable sneakers", 2, vec![])).await?;
+    let outline = lifecycle::enqueue(
+        pool,
+        &task(
+            "blog outline",
+            "Outline a post on sustainable sneakers",
+            2,
+            vec![],
+        ),
+    )
+    .await?;
     add(outline, "blog: outline".into(), &mut p);
     let mut sections = Vec::new();
     for s in 1..=3 {
-        let id = lifecycle::enqueue(pool, &task(&format!("blog section {s}"), &format!("Write section {s} of the sneakers post"), 3, vec![outline])).await?;
+        let id = lifecycle::enqueue(
+            pool,
+            &task(
+                &format!("blog section {s}"),
+                &format!("Write section {s} of the sneakers post"),
+                3,
+                vec![outline],
+            ),
+        )
+        .await?;
         add(id, format!("blog: section {s} (after outline)"), &mut p);
         sections.push(id);
     }
-    let assemble = lifecycle::enqueue(pool, &task("blog assembly", "Assemble the sneakers post", 3, sections.clone())).await?;
+    let assemble = lifecycle::enqueue(
+        pool,
+        &task(
+            "blog assembly",
+            "Assemble the sneakers post",
+            3,
+            sections.clone(),
+        ),
+    )
+    .await?;
     add(assemble, "blog: assembly (after 3 sections)".into(), &mut p);
     // A pipeline whose first step is rejected by the provider: its dependents are cancelled.
-    let research = lifecycle::enqueue(pool, &task("research", "[reject] Research competitors", 4, vec![])).await?;
-    add(research, "doomed: research (provider rejects it)".into(), &mut p);
-    let draft = lifecycle::enqueue(pool, &task("draft", "Draft from the research", 4, vec![research])).await?;
+    let research = lifecycle::enqueue(
+        pool,
+        &task("research", "[reject] Research competitors", 4, vec![]),
+    )
+    .await?;
+    add(
+        research,
+        "doomed: research (provider rejects it)".into(),
+        &mut p,
+    );
+    let draft = lifecycle::enqueue(
+        pool,
+        &task("draft", "Draft from the research", 4, vec![research]),
+    )
+    .await?;
     add(draft, "doomed: draft (after research)".into(), &mut p);
-    let publish = lifecycle::enqueue(pool, &task("publish", "Publish the draft", 4, vec![draft])).await?;
+    let publish =
+        lifecycle::enqueue(pool, &task("publish", "Publish the draft", 4, vec![draft])).await?;
     add(publish, "doomed: publish (after draft)".into(), &mut p);
     // Product descriptions with priorities 1..10.
     for i in 0..n {
         let prio = (i % 10) as i32 + 1;
-        let id = lifecycle::enqueue(pool, &task(&format!("product {i}"), &format!("Describe product #{i}, a handmade ceramic mug"), prio, vec![])).await?;
-        add(id, format!("product description {i} (priority {prio})"), &mut p);
+        let id = lifecycle::enqueue(
+            pool,
+            &task(
+                &format!("product {i}"),
+                &format!("Describe product #{i}, a handmade ceramic mug"),
+                prio,
+                vec![],
+            ),
+        )
+        .await?;
+        add(
+            id,
+            format!("product description {i} (priority {prio})"),
+            &mut p,
+        );
     }
     // Tasks that can never run as they are.
     let mut bad = NewTask::generate(ws, "unused");
     bad.input = json!({ "text": "no prompt here" });
     bad.name = "bad input".into();
-    add(lifecycle::enqueue(pool, &bad).await?, "bad input (no prompt)".into(), &mut p);
+    add(
+        lifecycle::enqueue(pool, &bad).await?,
+        "bad input (no prompt)".into(),
+        &mut p,
+    );
     let mut unknown = NewTask::generate(ws, "render");
     unknown.task_type = "video.render".into();
     unknown.name = "unknown type".into();
-    add(lifecycle::enqueue(pool, &unknown).await?, "unknown type video.render".into(), &mut p);
+    add(
+        lifecycle::enqueue(pool, &unknown).await?,
+        "unknown type video.render".into(),
+        &mut p,
+    );
     let mut human = NewTask::generate(ws, "Call the supplier");
     human.worker_type = Some("human".into());
     human.name = "human task".into();
-    add(lifecycle::enqueue(pool, &human).await?, "human task".into(), &mut p);
+    add(
+        lifecycle::enqueue(pool, &human).await?,
+        "human task".into(),
+        &mut p,
+    );
     let mut later = NewTask::generate(ws, "Weekly newsletter");
     later.scheduled_for = Some(chrono::Utc::now() + chrono::Duration::seconds(3));
     later.name = "scheduled".into();
-    add(lifecycle::enqueue(pool, &later).await?, "scheduled 3 s ahead".into(), &mut p);
+    add(
+        lifecycle::enqueue(pool, &later).await?,
+        "scheduled 3 s ahead".into(),
+        &mut p,
+    );
     Ok(p)
 }
 
 async fn counts(pool: &PgPool, ids: &[Uuid]) -> anyhow::Result<BTreeMap<String, i64>> {
-    let rows = sqlx::query("SELECT status, count(*) AS n FROM tasks WHERE id = ANY($1) GROUP BY status")
-        .bind(ids.to_vec())
-        .fetch_all(pool)
-        .await?;
+    let rows =
+        sqlx::query("SELECT status, count(*) AS n FROM tasks WHERE id = ANY($1) GROUP BY status")
+            .bind(ids.to_vec())
+            .fetch_all(pool)
+            .await?;
     let mut m = BTreeMap::new();
     for r in rows {
         m.insert(r.try_get::<String, _>("status")?, r.try_get::<i64, _>("n")?);
@@ -128,23 +201,35 @@ async fn counts(pool: &PgPool, ids: &[Uuid]) -> anyhow::Result<BTreeMap<String, 
 }
 
 fn line(m: &BTreeMap<String, i64>) -> String {
-    ["pending", "queued", "processing", "completed", "failed", "cancelled", "escalated"]
-        .iter()
-        .map(|s| format!("{s} {}", m.get(*s).copied().unwrap_or(0)))
-        .collect::<Vec<_>>()
-        .join(" | ")
+    [
+        "pending",
+        "queued",
+        "processing",
+        "completed",
+        "failed",
+        "cancelled",
+        "escalated",
+    ]
+    .iter()
+    .map(|s| format!("{s} {}", m.get(*s).copied().unwrap_or(0)))
+    .collect::<Vec<_>>()
+    .join(" | ")
 }
 
 pub async fn run(url: &str, args: DemoArgs) -> anyhow::Result<()> {
     admin::migrate(url).await?;
     let pool = admin::pool(url).await?;
     let ws = seed_workspace(&pool).await?;
-    let balance_before: i32 = sqlx::query_scalar("SELECT credits_balance FROM workspaces WHERE id = $1")
-        .bind(ws)
-        .fetch_one(&pool)
-        .await?;
+    let balance_before: i32 =
+        sqlx::query_scalar("SELECT credits_balance FROM workspaces WHERE id = $1")
+            .bind(ws)
+            .fetch_one(&pool)
+            .await?;
     let planned = plan(&pool, ws, args.tasks).await?;
-    println!("enqueued {} tasks in workspace demo-workspace (balance {balance_before} credits)", planned.ids.len());
+    println!(
+        "enqueued {} tasks in workspace demo-workspace (balance {balance_before} credits)",
+        planned.ids.len()
+    );
 
     let dir = std::env::temp_dir().join(format!("bizq-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -157,11 +242,35 @@ pub async fn run(url: &str, args: DemoArgs) -> anyhow::Result<()> {
         }
     };
     let members = vec![
-        fleet::spawn("scheduler", "scheduler", url, &config_path, &[], Some(&dir.join("scheduler.log")))?,
-        fleet::spawn("worker", "worker-1", url, &config_path, &["--id", "demo-worker-1"], Some(&dir.join("worker-1.log")))?,
-        fleet::spawn("worker", "worker-2", url, &config_path, &["--id", "demo-worker-2"], Some(&dir.join("worker-2.log")))?,
+        fleet::spawn(
+            "scheduler",
+            "scheduler",
+            url,
+            &config_path,
+            &[],
+            Some(&dir.join("scheduler.log")),
+        )?,
+        fleet::spawn(
+            "worker",
+            "worker-1",
+            url,
+            &config_path,
+            &["--id", "demo-worker-1"],
+            Some(&dir.join("worker-1.log")),
+        )?,
+        fleet::spawn(
+            "worker",
+            "worker-2",
+            url,
+            &config_path,
+            &["--id", "demo-worker-2"],
+            Some(&dir.join("worker-2.log")),
+        )?,
     ];
-    println!("started 1 scheduler and 2 workers (logs in {})", dir.display());
+    println!(
+        "started 1 scheduler and 2 workers (logs in {})",
+        dir.display()
+    );
 
     let started = Instant::now();
     let terminal = ["completed", "failed", "cancelled", "escalated"];
@@ -173,7 +282,10 @@ pub async fn run(url: &str, args: DemoArgs) -> anyhow::Result<()> {
             println!("[{:>5.1}s] {l}", started.elapsed().as_secs_f64());
             last = l;
         }
-        let done: i64 = terminal.iter().map(|s| m.get(*s).copied().unwrap_or(0)).sum();
+        let done: i64 = terminal
+            .iter()
+            .map(|s| m.get(*s).copied().unwrap_or(0))
+            .sum();
         if done as usize == planned.ids.len() {
             break true;
         }
@@ -184,7 +296,10 @@ pub async fn run(url: &str, args: DemoArgs) -> anyhow::Result<()> {
     };
     let exits = fleet::stop(members).await;
     for (name, code) in &exits {
-        println!("{name} exited with {}", code.map_or("a signal".to_string(), |c| c.to_string()));
+        println!(
+            "{name} exited with {}",
+            code.map_or("a signal".to_string(), |c| c.to_string())
+        );
     }
 
     println!("\nsummary after {:.1} s", started.elapsed().as_secs_f64());
@@ -204,15 +319,29 @@ pub async fn run(url: &str, args: DemoArgs) -> anyhow::Result<()> {
         let status: String = r.try_get("status")?;
         let attempt: i32 = r.try_get("attempt")?;
         if status == "completed" {
-            *by_worker.entry(r.try_get::<Option<String>, _>("locked_by")?.unwrap_or_default()).or_default() += 1;
+            *by_worker
+                .entry(
+                    r.try_get::<Option<String>, _>("locked_by")?
+                        .unwrap_or_default(),
+                )
+                .or_default() += 1;
             charged += i64::from(r.try_get::<Option<i32>, _>("actual_cost")?.unwrap_or(0));
             if attempt > 1 {
                 retried += 1;
             }
         } else {
             let err: Option<Value> = r.try_get("error_details")?;
-            let msg = err.as_ref().and_then(|e| e.get("message")).and_then(Value::as_str).unwrap_or("-").to_string();
-            notes.push(format!("  {:<10} {:<40} {msg}", status, planned.labels.get(&id).cloned().unwrap_or_default()));
+            let msg = err
+                .as_ref()
+                .and_then(|e| e.get("message"))
+                .and_then(Value::as_str)
+                .unwrap_or("-")
+                .to_string();
+            notes.push(format!(
+                "  {:<10} {:<40} {msg}",
+                status,
+                planned.labels.get(&id).cloned().unwrap_or_default()
+            ));
         }
     }
     println!("{}", line(&counts(&pool, &planned.ids).await?));
@@ -220,10 +349,11 @@ pub async fn run(url: &str, args: DemoArgs) -> anyhow::Result<()> {
         println!("  {w} completed {n}");
     }
     println!("  {retried} tasks completed after a transient failure and a retry");
-    let balance_after: i32 = sqlx::query_scalar("SELECT credits_balance FROM workspaces WHERE id = $1")
-        .bind(ws)
-        .fetch_one(&pool)
-        .await?;
+    let balance_after: i32 =
+        sqlx::query_scalar("SELECT credits_balance FROM workspaces WHERE id = $1")
+            .bind(ws)
+            .fetch_one(&pool)
+            .await?;
     println!(
         "credits: {balance_before} -> {balance_after} (charged {}; sum of completed tasks' actual_cost {charged})",
         balance_before - balance_after
@@ -234,7 +364,10 @@ pub async fn run(url: &str, args: DemoArgs) -> anyhow::Result<()> {
         println!("{n}");
     }
     if !finished {
-        bail!("not every demo task reached a terminal state within {} s", args.timeout);
+        bail!(
+            "not every demo task reached a terminal state within {} s",
+            args.timeout
+        );
     }
     if exits.iter().any(|(_, c)| *c != Some(0)) {
         bail!("a fleet process did not exit cleanly");

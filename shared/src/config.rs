@@ -243,7 +243,9 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         let w = &self.worker;
         if w.concurrency == 0 {
-            return Err(Error::Config("worker.concurrency must be at least 1".into()));
+            return Err(Error::Config(
+                "worker.concurrency must be at least 1".into(),
+            ));
         }
         if w.lease_seconds == 0 || w.heartbeat_ms >= w.lease_seconds * 1000 / 2 {
             return Err(Error::Config(format!(
@@ -297,8 +299,8 @@ mod tests {
 
     #[test]
     fn heartbeat_must_fit_in_lease() {
-        let err = Config::from_toml("[worker]\nlease_seconds = 2\nheartbeat_ms = 1500\n")
-            .unwrap_err();
+        let err =
+            Config::from_toml("[worker]\nlease_seconds = 2\nheartbeat_ms = 1500\n").unwrap_err();
         assert!(err.to_string().contains("heartbeat_ms"), "{err}");
     }
 

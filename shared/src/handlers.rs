@@ -44,10 +44,14 @@ fn parse_generate(input: &Value) -> Result<GenerateInput, TaskError> {
     let bad = |msg: &str| {
         ProviderError::permanent(
             "bad_input",
-            format!("ai.generate input {msg}; expected {{\"prompt\": \"...\", \"max_tokens\"?: n}}"),
+            format!(
+                "ai.generate input {msg}; expected {{\"prompt\": \"...\", \"max_tokens\"?: n}}"
+            ),
         )
     };
-    let obj = input.as_object().ok_or_else(|| bad("is not a JSON object"))?;
+    let obj = input
+        .as_object()
+        .ok_or_else(|| bad("is not a JSON object"))?;
     let prompt = match obj.get("prompt") {
         Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
         Some(Value::String(_)) => return Err(bad("has an empty \"prompt\"")),
@@ -122,11 +126,19 @@ mod tests {
     #[test]
     fn generate_input_is_checked() {
         assert!(validate_input("ai.generate", &json!({"prompt": "hi"})).is_ok());
-        for bad in [json!("hi"), json!({}), json!({"prompt": ""}), json!({"prompt": 3}),
-                    json!({"prompt": "x", "max_tokens": -1})] {
+        for bad in [
+            json!("hi"),
+            json!({}),
+            json!({"prompt": ""}),
+            json!({"prompt": 3}),
+            json!({"prompt": "x", "max_tokens": -1}),
+        ] {
             let e = validate_input("ai.generate", &bad).unwrap_err();
             assert_eq!(e.code, "bad_input", "{bad}");
         }
-        assert_eq!(validate_input("nope", &json!({})).unwrap_err().code, "unknown_task_type");
+        assert_eq!(
+            validate_input("nope", &json!({})).unwrap_err().code,
+            "unknown_task_type"
+        );
     }
 }

@@ -37,12 +37,12 @@ pub async fn run(pool: &PgPool, config: &SchedulerConfig) -> Result<Option<House
     result.map(Some)
 }
 
-async fn run_locked(conn: &mut sqlx::PgConnection, config: &SchedulerConfig) -> Result<HousekeepingReport> {
+async fn run_locked(
+    conn: &mut sqlx::PgConnection,
+    config: &SchedulerConfig,
+) -> Result<HousekeepingReport> {
     let mut report = HousekeepingReport {
-        partitions_created: sqlx::query_scalar("SELECT ensure_analytics_partitions($1)")
-            .bind(config.partitions_ahead)
-            .fetch_one(&mut *conn)
-            .await?,
+        partitions_created: ensure_partitions(&mut *conn, config.partitions_ahead).await?,
         ..Default::default()
     };
     report.workspaces_reset = reset_monthly_credits(&mut *conn).await?;
@@ -59,14 +59,57 @@ async fn run_locked(conn: &mut sqlx::PgConnection, config: &SchedulerConfig) -> 
     Ok(report)
 }
 
+/// Creates the coming months' `analytics_events` partitions. Attaching a partition takes
+/// SHARE ROW EXCLUSIVE locks on the tables its foreign keys reference (`tasks`, `workspaces`,
+/// …), which the fleet writes all the time; waiting for them would deadlock with a claim that
+/// holds one and wants the other. So each try waits at most 200 ms for its locks and gives
+/// way; it is tried a few times, and the next housekeeping run tries again (the partitions are
+/// made months ahead, and the default partition catches any row meanwhile).
+pub async fn ensure_partitions(conn: &mut sqlx::PgConnection, months_ahead: i32) -> Result<i32> {
+    let mut last_err = None;
+    for attempt in 0..5u64 {
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        sqlx::query("SET LOCAL lock_timeout = '200ms'")
+            .execute(&mut *tx)
+            .await?;
+        match sqlx::query_scalar::<_, i32>("SELECT ensure_analytics_partitions($1)")
+            .bind(months_ahead)
+            .fetch_one(&mut *tx)
+            .await
+        {
+            Ok(n) => {
+                tx.commit().await?;
+                return Ok(n);
+            }
+            Err(e) => {
+                let _ = tx.rollback().await;
+                last_err = Some(e);
+                tokio::time::sleep(std::time::Duration::from_millis(50 + 100 * attempt)).await;
+            }
+        }
+    }
+    match last_err {
+        Some(e) => Err(e.into()),
+        None => Ok(0),
+    }
+}
+
 /// Resets `credits_used_this_month` for every workspace whose month (in its own timezone)
 /// has turned since its last reset.
 pub async fn reset_monthly_credits(conn: &mut sqlx::PgConnection) -> Result<u64> {
     let done = sqlx::query(
-        "UPDATE workspaces
+        "WITH due AS (
+             SELECT id
+               FROM workspaces
+              WHERE credits_month_start < bizq_month_start(timezone)
+              ORDER BY id
+                FOR UPDATE
+         )
+         UPDATE workspaces w
             SET credits_used_this_month = 0,
-                credits_month_start = bizq_month_start(timezone)
-          WHERE credits_month_start < bizq_month_start(timezone)",
+                credits_month_start = bizq_month_start(w.timezone)
+           FROM due
+          WHERE w.id = due.id",
     )
     .execute(conn)
     .await?;
@@ -100,7 +143,9 @@ async fn rebuild_bloated_queue_indexes(conn: &mut sqlx::PgConnection) -> Result<
         if bytes > 20 * (live * 64 + 1024 * 1024) {
             // The name comes from the fixed list above, never from input.
             let sql = format!("REINDEX INDEX CONCURRENTLY {name}");
-            sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut *conn).await?;
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                .execute(&mut *conn)
+                .await?;
             rebuilt.push(name);
         }
     }

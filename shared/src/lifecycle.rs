@@ -25,6 +25,10 @@
 //! - Credits are reserved at claim (`workspaces.credits_reserved`) and released by trigger when
 //!   the task leaves `processing`; the charge happens in the completion's transaction.
 //! - Dependents of a task are resolved by trigger when it completes, fails or is cancelled.
+//! - Lock order, everywhere: task rows first (in id order, or with `SKIP LOCKED`), then
+//!   workspace rows in id order. The credit triggers lock workspace rows, so every statement
+//!   that fires them runs after [`lock_for_update`] took the workspace rows in order. Without
+//!   this, two workers completing tasks of two workspaces deadlock each other.
 
 use std::time::Duration;
 
@@ -182,7 +186,9 @@ pub async fn admit(
     }
     let mut candidates = Vec::with_capacity(rows.len());
     for r in rows {
-        let mut deps: Vec<Uuid> = r.try_get::<Option<Vec<Uuid>>, _>("depends_on")?.unwrap_or_default();
+        let mut deps: Vec<Uuid> = r
+            .try_get::<Option<Vec<Uuid>>, _>("depends_on")?
+            .unwrap_or_default();
         deps.sort();
         deps.dedup();
         candidates.push(Candidate {
@@ -198,7 +204,10 @@ pub async fn admit(
 
     // Lock every dependency of the batch (skipping rows locked elsewhere) and read its
     // latest status. `has_dependents` tells the completion trigger it has work to do.
-    let mut all_deps: Vec<Uuid> = candidates.iter().flat_map(|c| c.depends_on.iter().copied()).collect();
+    let mut all_deps: Vec<Uuid> = candidates
+        .iter()
+        .flat_map(|c| c.depends_on.iter().copied())
+        .collect();
     all_deps.sort();
     all_deps.dedup();
     let mut dep_state: std::collections::HashMap<Uuid, (String, Uuid)> = Default::default();
@@ -214,9 +223,16 @@ pub async fn admit(
         .fetch_all(&mut *tx)
         .await?;
         for r in locked {
-            dep_state.insert(r.try_get("id")?, (r.try_get("status")?, r.try_get("workspace_id")?));
+            dep_state.insert(
+                r.try_get("id")?,
+                (r.try_get("status")?, r.try_get("workspace_id")?),
+            );
         }
-        let unseen: Vec<Uuid> = all_deps.iter().filter(|d| !dep_state.contains_key(d)).copied().collect();
+        let unseen: Vec<Uuid> = all_deps
+            .iter()
+            .filter(|d| !dep_state.contains_key(d))
+            .copied()
+            .collect();
         if !unseen.is_empty() {
             let existing: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM tasks WHERE id = ANY($1)")
                 .bind(unseen)
@@ -227,7 +243,11 @@ pub async fn admit(
     }
 
     // Cycle check over `depends_on`, walking only through unfinished tasks.
-    let roots: Vec<Uuid> = candidates.iter().filter(|c| !c.depends_on.is_empty()).map(|c| c.id).collect();
+    let roots: Vec<Uuid> = candidates
+        .iter()
+        .filter(|c| !c.depends_on.is_empty())
+        .map(|c| c.id)
+        .collect();
     let in_cycle: std::collections::HashSet<Uuid> = if roots.is_empty() {
         Default::default()
     } else {
@@ -313,7 +333,11 @@ pub async fn admit(
                 .filter(|d| dep_state.get(d).is_some_and(|(s, _)| s != "completed"))
                 .copied()
                 .collect();
-            if open.is_empty() { Verdict::Ready } else { Verdict::Blocked(open) }
+            if open.is_empty() {
+                Verdict::Ready
+            } else {
+                Verdict::Blocked(open)
+            }
         };
         ids.push(c.id);
         match verdict {
@@ -410,6 +434,26 @@ pub async fn admit(
     }
     tx.commit().await?;
     Ok(report)
+}
+
+/// Locks the given tasks (id order) and then their workspaces (id order) inside `tx`, so that
+/// the triggers fired by the caller's next statement never wait for a lock out of order.
+async fn lock_for_update(tx: &mut sqlx::PgConnection, task_ids: &[Uuid]) -> Result<()> {
+    sqlx::query("SELECT id FROM tasks WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+        .bind(task_ids.to_vec())
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "SELECT id
+           FROM workspaces
+          WHERE id IN (SELECT workspace_id FROM tasks WHERE id = ANY($1))
+          ORDER BY id
+            FOR UPDATE",
+    )
+    .bind(task_ids.to_vec())
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
 }
 
 async fn notify(conn: &mut sqlx::PgConnection, channel: &'static str) -> Result<()> {
@@ -537,6 +581,7 @@ pub async fn claim(pool: &PgPool, req: &ClaimRequest<'_>) -> Result<Vec<ClaimedT
                       AND w.deleted_at IS NULL AS in_good_standing
                FROM workspaces w
               WHERE w.id IN (SELECT workspace_id FROM candidates)
+              ORDER BY w.id
                 FOR UPDATE
          ),
          ranked AS (
@@ -608,18 +653,29 @@ pub async fn claim(pool: &PgPool, req: &ClaimRequest<'_>) -> Result<Vec<ClaimedT
 
 /// **Heartbeat** (worker): extends the leases this worker still holds and returns their ids.
 /// A task missing from the answer was cancelled or reclaimed: its run must stop.
-pub async fn heartbeat(pool: &PgPool, leases: &[(Uuid, Uuid)], lease: Duration) -> Result<Vec<Uuid>> {
+pub async fn heartbeat(
+    pool: &PgPool,
+    leases: &[(Uuid, Uuid)],
+    lease: Duration,
+) -> Result<Vec<Uuid>> {
     if leases.is_empty() {
         return Ok(Vec::new());
     }
     let (ids, tokens): (Vec<Uuid>, Vec<Uuid>) = leases.iter().copied().unzip();
     let held = sqlx::query_scalar(
-        "UPDATE tasks t
+        "WITH held AS (
+             SELECT t.id
+               FROM tasks t
+               JOIN unnest($1::uuid[], $2::uuid[]) AS l(id, token) ON l.id = t.id
+              WHERE t.lease_token = l.token
+                AND t.status = 'processing'
+              ORDER BY t.id
+                FOR UPDATE OF t
+         )
+         UPDATE tasks t
             SET lease_expires_at = now() + $3::bigint * interval '1 millisecond'
-           FROM unnest($1::uuid[], $2::uuid[]) AS l(id, token)
-          WHERE t.id = l.id
-            AND t.lease_token = l.token
-            AND t.status = 'processing'
+           FROM held
+          WHERE t.id = held.id
          RETURNING t.id",
     )
     .bind(ids)
@@ -655,77 +711,110 @@ pub struct Failure {
     pub processing_time_ms: i32,
 }
 
-/// **Complete** and **fail** (worker): writes a batch of results in ONE short transaction.
-/// Completions set `output`, `actual_cost`, `cost_breakdown`, timing and provider and become
-/// `completed`, which fires the credit-deduction trigger inside this same transaction.
-/// Failures go back to `pending` with a backoff (`retry_in`) or to `failed`. Every row is
-/// fenced on its lease token: the ids returned are the ones written; a result whose lease was
-/// lost (cancelled, reclaimed) is dropped and the task is never charged twice.
-pub async fn finish_batch(pool: &PgPool, completions: &[Completion], failures: &[Failure]) -> Result<Vec<Uuid>> {
-    let mut tx = pool.begin().await?;
-    let mut written: Vec<Uuid> = Vec::with_capacity(completions.len() + failures.len());
-    if !completions.is_empty() {
-        let done: Vec<Uuid> = sqlx::query_scalar(
-            "UPDATE tasks t
-                SET status = 'completed',
-                    output = c.output,
-                    actual_cost = c.cost,
-                    cost_breakdown = c.breakdown,
-                    processing_time_ms = c.ms,
-                    ai_provider = COALESCE(c.provider, t.ai_provider),
-                    ai_model = COALESCE(c.model, t.ai_model),
-                    completed_at = now(),
-                    lease_token = NULL,
-                    lease_expires_at = NULL
-               FROM unnest($1::uuid[], $2::uuid[], $3::jsonb[], $4::int[], $5::jsonb[], $6::int[],
-                           $7::text[], $8::text[])
-                    AS c(id, token, output, cost, breakdown, ms, provider, model)
-              WHERE t.id = c.id
-                AND t.lease_token = c.token
-                AND t.status = 'processing'
-             RETURNING t.id",
-        )
-        .bind(completions.iter().map(|c| c.id).collect::<Vec<_>>())
-        .bind(completions.iter().map(|c| c.lease_token).collect::<Vec<_>>())
-        .bind(completions.iter().map(|c| c.output.clone()).collect::<Vec<_>>())
-        .bind(completions.iter().map(|c| c.actual_cost).collect::<Vec<_>>())
-        .bind(completions.iter().map(|c| c.cost_breakdown.clone()).collect::<Vec<_>>())
-        .bind(completions.iter().map(|c| c.processing_time_ms).collect::<Vec<_>>())
-        .bind(completions.iter().map(|c| c.ai_provider.clone()).collect::<Vec<_>>())
-        .bind(completions.iter().map(|c| c.ai_model.clone()).collect::<Vec<_>>())
-        .fetch_all(&mut *tx)
-        .await?;
-        written.extend(done);
+/// **Complete** and **fail** (worker): writes a batch of results in ONE short statement (and
+/// so one transaction). Completions set `output`, `actual_cost`, `cost_breakdown`, timing and
+/// provider and become `completed`, which fires the credit-deduction trigger inside this same
+/// transaction. Failures go back to `pending` with a backoff (`retry_in`) or to `failed`.
+///
+/// Every row is fenced on its lease token: the ids returned are the ones written; a result
+/// whose lease was lost (cancelled, reclaimed) is dropped and the task is never charged twice.
+///
+/// Locks are taken in the module's order (tasks, then workspaces, each by id) before the
+/// UPDATE, whose triggers then find every lock they need already held.
+pub async fn finish_batch(
+    pool: &PgPool,
+    completions: &[Completion],
+    failures: &[Failure],
+) -> Result<Vec<Uuid>> {
+    if completions.is_empty() && failures.is_empty() {
+        return Ok(Vec::new());
     }
-    if !failures.is_empty() {
-        let done: Vec<Uuid> = sqlx::query_scalar(
-            "UPDATE tasks t
-                SET status = CASE WHEN f.retry_ms IS NULL THEN 'failed' ELSE 'pending' END,
-                    scheduled_for = CASE WHEN f.retry_ms IS NULL THEN t.scheduled_for
-                                         ELSE now() + f.retry_ms * interval '1 millisecond' END,
-                    completed_at = CASE WHEN f.retry_ms IS NULL THEN now() END,
-                    error_details = f.details,
-                    processing_time_ms = f.ms,
-                    lease_token = NULL,
-                    lease_expires_at = NULL
-               FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::jsonb[], $5::int[])
-                    AS f(id, token, retry_ms, details, ms)
-              WHERE t.id = f.id
-                AND t.lease_token = f.token
-                AND t.status = 'processing'
-             RETURNING t.id",
-        )
-        .bind(failures.iter().map(|f| f.id).collect::<Vec<_>>())
-        .bind(failures.iter().map(|f| f.lease_token).collect::<Vec<_>>())
-        .bind(failures.iter().map(|f| f.retry_in.map(|d| d.as_millis() as i64)).collect::<Vec<_>>())
-        .bind(failures.iter().map(|f| f.error_details.clone()).collect::<Vec<_>>())
-        .bind(failures.iter().map(|f| f.processing_time_ms).collect::<Vec<_>>())
-        .fetch_all(&mut *tx)
-        .await?;
-        if failures.iter().any(|f| f.retry_in.is_some()) {
-            notify(&mut tx, CHANNEL_PENDING).await?;
-        }
-        written.extend(done);
+    let n = completions.len() + failures.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut tokens = Vec::with_capacity(n);
+    let mut kinds: Vec<String> = Vec::with_capacity(n);
+    let mut outputs: Vec<Option<Value>> = Vec::with_capacity(n);
+    let mut costs: Vec<Option<i32>> = Vec::with_capacity(n);
+    let mut breakdowns: Vec<Option<Value>> = Vec::with_capacity(n);
+    let mut millis: Vec<i32> = Vec::with_capacity(n);
+    let mut providers: Vec<Option<String>> = Vec::with_capacity(n);
+    let mut models: Vec<Option<String>> = Vec::with_capacity(n);
+    let mut retry_ms: Vec<Option<i64>> = Vec::with_capacity(n);
+    let mut details: Vec<Option<Value>> = Vec::with_capacity(n);
+    for c in completions {
+        ids.push(c.id);
+        tokens.push(c.lease_token);
+        kinds.push("completed".into());
+        outputs.push(Some(c.output.clone()));
+        costs.push(Some(c.actual_cost));
+        breakdowns.push(Some(c.cost_breakdown.clone()));
+        millis.push(c.processing_time_ms);
+        providers.push(c.ai_provider.clone());
+        models.push(c.ai_model.clone());
+        retry_ms.push(None);
+        details.push(None);
+    }
+    for f in failures {
+        ids.push(f.id);
+        tokens.push(f.lease_token);
+        kinds.push(
+            if f.retry_in.is_some() {
+                "retry"
+            } else {
+                "failed"
+            }
+            .into(),
+        );
+        outputs.push(None);
+        costs.push(None);
+        breakdowns.push(None);
+        millis.push(f.processing_time_ms);
+        providers.push(None);
+        models.push(None);
+        retry_ms.push(f.retry_in.map(|d| d.as_millis() as i64));
+        details.push(Some(f.error_details.clone()));
+    }
+    let mut tx = pool.begin().await?;
+    lock_for_update(&mut tx, &ids).await?;
+    let written: Vec<Uuid> = sqlx::query_scalar(
+        "UPDATE tasks t
+            SET status = CASE r.kind WHEN 'retry' THEN 'pending' ELSE r.kind END,
+                output = CASE WHEN r.kind = 'completed' THEN r.output ELSE t.output END,
+                actual_cost = CASE WHEN r.kind = 'completed' THEN r.cost ELSE t.actual_cost END,
+                cost_breakdown = CASE WHEN r.kind = 'completed' THEN r.breakdown ELSE t.cost_breakdown END,
+                processing_time_ms = r.ms,
+                ai_provider = COALESCE(r.provider, t.ai_provider),
+                ai_model = COALESCE(r.model, t.ai_model),
+                completed_at = CASE WHEN r.kind = 'retry' THEN NULL ELSE now() END,
+                scheduled_for = CASE WHEN r.kind = 'retry'
+                                     THEN now() + r.retry_ms * interval '1 millisecond'
+                                     ELSE t.scheduled_for END,
+                error_details = COALESCE(r.details, t.error_details),
+                lease_token = NULL,
+                lease_expires_at = NULL
+           FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[], $5::int[], $6::jsonb[],
+                       $7::int[], $8::text[], $9::text[], $10::bigint[], $11::jsonb[])
+                AS r(id, token, kind, output, cost, breakdown, ms, provider, model, retry_ms, details)
+          WHERE t.id = r.id
+            AND t.lease_token = r.token
+            AND t.status = 'processing'
+         RETURNING t.id",
+    )
+    .bind(ids)
+    .bind(tokens)
+    .bind(kinds)
+    .bind(outputs)
+    .bind(costs)
+    .bind(breakdowns)
+    .bind(millis)
+    .bind(providers)
+    .bind(models)
+    .bind(retry_ms)
+    .bind(details)
+    .fetch_all(&mut *tx)
+    .await?;
+    if failures.iter().any(|f| f.retry_in.is_some()) {
+        notify(&mut tx, CHANNEL_PENDING).await?;
     }
     tx.commit().await?;
     Ok(written)
@@ -739,6 +828,7 @@ pub async fn release(pool: &PgPool, leases: &[(Uuid, Uuid)]) -> Result<u64> {
     }
     let (ids, tokens): (Vec<Uuid>, Vec<Uuid>) = leases.iter().copied().unzip();
     let mut tx = pool.begin().await?;
+    lock_for_update(&mut tx, &ids).await?;
     let done = sqlx::query(
         "UPDATE tasks t
             SET status = 'queued',
@@ -779,23 +869,31 @@ pub async fn reclaim_expired(
     default_max_attempts: i32,
 ) -> Result<ReclaimReport> {
     let (types, maxes): (Vec<String>, Vec<i32>) = max_attempts_by_type.iter().cloned().unzip();
+    let mut tx = pool.begin().await?;
+    let expired: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT id
+           FROM tasks
+          WHERE status = 'processing'
+            AND lease_expires_at < now()
+          ORDER BY id
+          LIMIT $1
+            FOR UPDATE SKIP LOCKED",
+    )
+    .bind(batch)
+    .fetch_all(&mut *tx)
+    .await?;
+    if expired.is_empty() {
+        return Ok(ReclaimReport::default());
+    }
+    lock_for_update(&mut tx, &expired).await?;
     let rows: Vec<String> = sqlx::query_scalar(
-        "WITH expired AS (
-             SELECT id
-               FROM tasks
-              WHERE status = 'processing'
-                AND lease_expires_at < now()
-              ORDER BY lease_expires_at
-              LIMIT $1
-                FOR UPDATE SKIP LOCKED
-         ),
-         limits AS (
+        "WITH limits AS (
              SELECT t.id,
                     COALESCE(t.max_attempts,
                              (SELECT m FROM unnest($2::text[], $3::int[]) AS c(type, m) WHERE c.type = t.type),
                              $4) AS max_attempts
                FROM tasks t
-               JOIN expired e ON e.id = t.id
+              WHERE t.id = ANY($1)
          )
          UPDATE tasks t
             SET status = CASE WHEN t.attempt >= l.max_attempts THEN 'failed' ELSE 'queued' END,
@@ -812,19 +910,20 @@ pub async fn reclaim_expired(
           WHERE t.id = l.id
          RETURNING t.status",
     )
-    .bind(batch)
+    .bind(expired)
     .bind(types)
     .bind(maxes)
     .bind(default_max_attempts)
-    .fetch_all(pool)
+    .fetch_all(&mut *tx)
     .await?;
     let report = ReclaimReport {
         requeued: rows.iter().filter(|s| *s == "queued").count() as u64,
         failed: rows.iter().filter(|s| *s == "failed").count() as u64,
     };
     if report.requeued > 0 {
-        notify(&mut *pool.acquire().await?, CHANNEL_QUEUED).await?;
+        notify(&mut tx, CHANNEL_QUEUED).await?;
     }
+    tx.commit().await?;
     Ok(report)
 }
 
@@ -835,12 +934,16 @@ pub async fn reclaim_expired(
 /// Returns the status the task had.
 pub async fn cancel(pool: &PgPool, id: Uuid, reason: &str) -> Result<String> {
     let mut tx = pool.begin().await?;
-    let status: Option<String> = sqlx::query_scalar("SELECT status FROM tasks WHERE id = $1 FOR UPDATE")
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await?;
+    let status: Option<String> =
+        sqlx::query_scalar("SELECT status FROM tasks WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
     let status = status.ok_or(Error::TaskNotFound(id))?;
-    if !matches!(status.as_str(), "pending" | "queued" | "processing" | "escalated") {
+    if !matches!(
+        status.as_str(),
+        "pending" | "queued" | "processing" | "escalated"
+    ) {
         return Err(Error::WrongStatus {
             id,
             status,
@@ -882,10 +985,11 @@ pub async fn cancel(pool: &PgPool, id: Uuid, reason: &str) -> Result<String> {
 /// fresh attempts; the scheduler admits it again (dependencies are re-checked).
 pub async fn retry(pool: &PgPool, id: Uuid) -> Result<String> {
     let mut tx = pool.begin().await?;
-    let status: Option<String> = sqlx::query_scalar("SELECT status FROM tasks WHERE id = $1 FOR UPDATE")
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await?;
+    let status: Option<String> =
+        sqlx::query_scalar("SELECT status FROM tasks WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
     let status = status.ok_or(Error::TaskNotFound(id))?;
     if !matches!(status.as_str(), "failed" | "cancelled" | "escalated") {
         return Err(Error::WrongStatus {

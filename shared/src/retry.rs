@@ -23,7 +23,9 @@ pub fn delay(config: &RetryConfig, attempt: i32, retry_after: Option<Duration>) 
         builder = builder.with_jitter();
     }
     let n = attempt.max(1) as usize - 1;
-    builder.build().nth(n).unwrap_or(max).min(max * 2)
+    let d = builder.build().nth(n).unwrap_or(max).min(max * 2);
+    // Whole milliseconds: the float arithmetic inside gives 200.000003 ms for 200 ms.
+    Duration::from_millis(d.as_millis() as u64)
 }
 
 #[cfg(test)]
@@ -31,7 +33,12 @@ mod tests {
     use super::*;
 
     fn cfg(jitter: bool) -> RetryConfig {
-        RetryConfig { base_ms: 100, max_ms: 10_000, factor: 2.0, jitter }
+        RetryConfig {
+            base_ms: 100,
+            max_ms: 10_000,
+            factor: 2.0,
+            jitter,
+        }
     }
 
     #[test]
@@ -48,14 +55,23 @@ mod tests {
         let c = cfg(true);
         for _ in 0..100 {
             let d = delay(&c, 2, None);
-            assert!(d >= Duration::from_millis(200) && d <= Duration::from_millis(400), "{d:?}");
+            assert!(
+                d >= Duration::from_millis(200) && d <= Duration::from_millis(400),
+                "{d:?}"
+            );
         }
     }
 
     #[test]
     fn retry_after_wins() {
         let c = cfg(false);
-        assert_eq!(delay(&c, 1, Some(Duration::from_secs(3))), Duration::from_secs(3));
-        assert_eq!(delay(&c, 1, Some(Duration::from_secs(300))), Duration::from_secs(10));
+        assert_eq!(
+            delay(&c, 1, Some(Duration::from_secs(3))),
+            Duration::from_secs(3)
+        );
+        assert_eq!(
+            delay(&c, 1, Some(Duration::from_secs(300))),
+            Duration::from_secs(10)
+        );
     }
 }

@@ -40,7 +40,8 @@ impl Scheduler {
     pub async fn pass(&self, stats: &mut SchedulerStats) -> Result<()> {
         let sc = &self.config.scheduler;
         loop {
-            let r = lifecycle::admit(&self.pool, sc.batch, KNOWN_TYPES, sc.dependency_failure).await?;
+            let r =
+                lifecycle::admit(&self.pool, sc.batch, KNOWN_TYPES, sc.dependency_failure).await?;
             let handled = r.handled();
             let a = &mut stats.admitted;
             a.queued += r.queued;
@@ -79,7 +80,11 @@ impl Scheduler {
             stats.reclaimed.requeued += r.requeued;
             stats.reclaimed.failed += r.failed;
             if r.requeued + r.failed > 0 {
-                tracing::info!(requeued = r.requeued, failed = r.failed, "reclaimed tasks with expired leases");
+                tracing::info!(
+                    requeued = r.requeued,
+                    failed = r.failed,
+                    "reclaimed tasks with expired leases"
+                );
             }
             if r.requeued + r.failed < sc.batch as u64 {
                 break;

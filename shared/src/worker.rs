@@ -17,7 +17,9 @@ use uuid::Uuid;
 
 use crate::config::Config;
 use crate::handlers::{self, TaskContext};
-use crate::lifecycle::{self, CHANNEL_CANCEL, CHANNEL_QUEUED, ClaimRequest, ClaimedTask, Completion, Failure};
+use crate::lifecycle::{
+    self, CHANNEL_CANCEL, CHANNEL_QUEUED, ClaimRequest, ClaimedTask, Completion, Failure,
+};
 use crate::providers::{ErrorKind, Providers};
 use crate::{Result, retry};
 
@@ -139,7 +141,9 @@ impl Worker {
                 p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
                 _ = shutdown.cancelled() => break,
             };
-            let extra = slots.available_permits().min(wc.claim_batch.saturating_sub(1));
+            let extra = slots
+                .available_permits()
+                .min(wc.claim_batch.saturating_sub(1));
             if extra > 0
                 && let Ok(more) = slots.clone().try_acquire_many_owned(extra as u32)
             {
@@ -171,7 +175,9 @@ impl Worker {
                 s.claimed += got as u64;
             }
             for task in claimed {
-                let Some(permit) = permits.split(1) else { break };
+                let Some(permit) = permits.split(1) else {
+                    break;
+                };
                 self.start(task, permit, &running, &results_tx);
             }
             drop(permits);
@@ -257,7 +263,11 @@ impl Worker {
                 ai_model: task.ai_model.clone(),
             };
             let timeout = Duration::from_secs(config.worker.task_timeout_seconds);
-            let run = AssertUnwindSafe(tokio::time::timeout(timeout, handlers::run(&providers, &ctx))).catch_unwind();
+            let run = AssertUnwindSafe(tokio::time::timeout(
+                timeout,
+                handlers::run(&providers, &ctx),
+            ))
+            .catch_unwind();
             let result = tokio::select! {
                 r = run => Some(r),
                 _ = abort.cancelled() => None,
@@ -269,14 +279,14 @@ impl Worker {
             let attempt = match result {
                 None => Attempt::Aborted(task.id),
                 Some(Ok(Ok(Ok(out)))) => Attempt::Completed(Completion {
-                        id: task.id,
-                        lease_token: task.lease_token,
-                        output: out.output,
-                        actual_cost: out.cost,
-                        cost_breakdown: out.cost_breakdown,
-                        processing_time_ms: elapsed_ms,
-                        ai_provider: out.provider,
-                        ai_model: out.model,
+                    id: task.id,
+                    lease_token: task.lease_token,
+                    output: out.output,
+                    actual_cost: out.cost,
+                    cost_breakdown: out.cost_breakdown,
+                    processing_time_ms: elapsed_ms,
+                    ai_provider: out.provider,
+                    ai_model: out.model,
                 }),
                 Some(other) => {
                     let error = match other {
@@ -291,7 +301,8 @@ impl Worker {
                         ),
                         Ok(Ok(Ok(_))) => unreachable_outcome(),
                     };
-                    let retry_in = (error.kind == ErrorKind::Transient && task.attempt < max_attempts)
+                    let retry_in = (error.kind == ErrorKind::Transient
+                        && task.attempt < max_attempts)
                         .then(|| retry::delay(&config.retry, task.attempt, error.retry_after));
                     let mut details = json!({
                         "message": error.message,
@@ -323,7 +334,10 @@ impl Worker {
                     })
                 }
             };
-            let _ = results.send(Outcome { attempt, _slot: permit });
+            let _ = results.send(Outcome {
+                attempt,
+                _slot: permit,
+            });
         });
     }
 }
@@ -407,7 +421,8 @@ async fn write_results(
                 }
             }
         };
-        let written: std::collections::HashSet<Uuid> = written.unwrap_or_default().into_iter().collect();
+        let written: std::collections::HashSet<Uuid> =
+            written.unwrap_or_default().into_iter().collect();
         if let Ok(mut s) = stats.lock() {
             s.aborted += aborted;
             for c in &completions {

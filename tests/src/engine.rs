@@ -35,7 +35,13 @@ pub async fn workspace(pool: &PgPool, credits: i32) -> anyhow::Result<Uuid> {
 }
 
 /// Enqueues an `ai.generate` task.
-pub async fn generate(pool: &PgPool, ws: Uuid, prompt: &str, priority: i32, deps: &[Uuid]) -> anyhow::Result<Uuid> {
+pub async fn generate(
+    pool: &PgPool,
+    ws: Uuid,
+    prompt: &str,
+    priority: i32,
+    deps: &[Uuid],
+) -> anyhow::Result<Uuid> {
     let mut t = NewTask::generate(ws, prompt);
     t.priority = priority;
     t.depends_on = deps.to_vec();
@@ -43,14 +49,19 @@ pub async fn generate(pool: &PgPool, ws: Uuid, prompt: &str, priority: i32, deps
 }
 
 pub async fn status(pool: &PgPool, id: Uuid) -> anyhow::Result<String> {
-    Ok(sqlx::query_scalar("SELECT status FROM tasks WHERE id = $1").bind(id).fetch_one(pool).await?)
-}
-
-pub async fn error_code(pool: &PgPool, id: Uuid) -> anyhow::Result<Option<String>> {
-    Ok(sqlx::query_scalar("SELECT error_details ->> 'code' FROM tasks WHERE id = $1")
+    Ok(sqlx::query_scalar("SELECT status FROM tasks WHERE id = $1")
         .bind(id)
         .fetch_one(pool)
         .await?)
+}
+
+pub async fn error_code(pool: &PgPool, id: Uuid) -> anyhow::Result<Option<String>> {
+    Ok(
+        sqlx::query_scalar("SELECT error_details ->> 'code' FROM tasks WHERE id = $1")
+            .bind(id)
+            .fetch_one(pool)
+            .await?,
+    )
 }
 
 /// Polls `sql` (a query returning one boolean) until true, or fails after `timeout`.
@@ -71,7 +82,9 @@ pub async fn wait_for(pool: &PgPool, sql: &'static str, timeout: Duration) -> an
                     .fetch_all(pool)
                     .await
                     .unwrap_or_default();
-            anyhow::bail!("timed out after {timeout:?} waiting for: {sql}\n  task counts: {counts:?}");
+            anyhow::bail!(
+                "timed out after {timeout:?} waiting for: {sql}\n  task counts: {counts:?}"
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -92,10 +105,17 @@ impl InProcessFleet {
             .collect();
         let workers = (0..workers)
             .map(|i| {
-                tokio::spawn(Worker::new(pool.clone(), config.clone(), format!("test-worker-{i}")).run(stop.clone()))
+                tokio::spawn(
+                    Worker::new(pool.clone(), config.clone(), format!("test-worker-{i}"))
+                        .run(stop.clone()),
+                )
             })
             .collect();
-        Self { stop, schedulers, workers }
+        Self {
+            stop,
+            schedulers,
+            workers,
+        }
     }
 
     /// Stops everything and returns the workers' stats.
@@ -129,9 +149,17 @@ pub fn binary(name: &str) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target")));
-    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
     let path = target.join(profile).join(name);
-    assert!(path.exists(), "{} is missing: run `cargo build --bins` first (scripts/test.sh does)", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --bins` first (scripts/test.sh does)",
+        path.display()
+    );
     path
 }
 
@@ -170,7 +198,11 @@ impl Process {
 
     /// Sends a signal (`-TERM`, `-KILL`) with kill(1).
     pub fn signal(&self, sig: &str) -> anyhow::Result<()> {
-        let ok = std::process::Command::new("kill").arg(sig).arg(self.pid().to_string()).status()?.success();
+        let ok = std::process::Command::new("kill")
+            .arg(sig)
+            .arg(self.pid().to_string())
+            .status()?
+            .success();
         anyhow::ensure!(ok, "kill {sig} {} failed", self.pid());
         Ok(())
     }

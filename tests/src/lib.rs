@@ -1,3 +1,3 @@
 //! Test support.
-pub mod schema_support;
 pub mod engine;
+pub mod schema_support;

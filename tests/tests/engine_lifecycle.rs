@@ -18,7 +18,12 @@ async fn admit(pool: &PgPool) -> anyhow::Result<lifecycle::AdmitReport> {
 }
 
 fn claim_req(limit: i64) -> ClaimRequest<'static> {
-    ClaimRequest { worker_id: "t", limit, type_patterns: None, lease: Duration::from_secs(30) }
+    ClaimRequest {
+        worker_id: "t",
+        limit,
+        type_patterns: None,
+        lease: Duration::from_secs(30),
+    }
 }
 
 #[sqlx::test(migrations = "../migrations")]
@@ -83,13 +88,22 @@ async fn one_slot_runs_tasks_in_priority_order(pool: PgPool) -> anyhow::Result<(
     let ws = workspace(&pool, 1000).await?;
     let mut expected = Vec::new();
     for (i, p) in [9, 2, 5, 1, 10, 2, 7].iter().enumerate() {
-        expected.push((*p, i, generate(&pool, ws, &format!("task {i}"), *p, &[]).await?));
+        expected.push((
+            *p,
+            i,
+            generate(&pool, ws, &format!("task {i}"), *p, &[]).await?,
+        ));
     }
     admit(&pool).await?; // all queued before the worker starts
     expected.sort();
     let engine = engine_pool(&pool, &config).await?;
     let fleet = InProcessFleet::start(&engine, &config, 0, 1);
-    wait_for(&pool, "SELECT count(*) = 7 FROM tasks WHERE status = 'completed'", T).await?;
+    wait_for(
+        &pool,
+        "SELECT count(*) = 7 FROM tasks WHERE status = 'completed'",
+        T,
+    )
+    .await?;
     fleet.shutdown().await?;
     let order: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM tasks ORDER BY started_at")
         .fetch_all(&pool)
@@ -105,8 +119,13 @@ async fn completion_writes_everything_and_charges_once(pool: PgPool) -> anyhow::
     admit(&pool).await?;
     let c = lifecycle::claim(&pool, &claim_req(1)).await?.remove(0);
     let reserved: i32 = sqlx::query_scalar("SELECT credits_reserved FROM workspaces WHERE id = $1")
-        .bind(ws).fetch_one(&pool).await?;
-    assert_eq!(reserved, 1, "the claim reserves the estimated cost (at least 1)");
+        .bind(ws)
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(
+        reserved, 1,
+        "the claim reserves the estimated cost (at least 1)"
+    );
     let done = Completion {
         id,
         lease_token: c.lease_token,
@@ -117,9 +136,16 @@ async fn completion_writes_everything_and_charges_once(pool: PgPool) -> anyhow::
         ai_provider: Some("mock".into()),
         ai_model: Some("mock-1".into()),
     };
-    assert_eq!(lifecycle::finish_batch(&pool, &[done.clone()], &[]).await?, vec![id]);
+    assert_eq!(
+        lifecycle::finish_batch(&pool, std::slice::from_ref(&done), &[]).await?,
+        vec![id]
+    );
     // The same result again (a duplicate delivery) is fenced out.
-    assert!(lifecycle::finish_batch(&pool, &[done], &[]).await?.is_empty());
+    assert!(
+        lifecycle::finish_batch(&pool, &[done], &[])
+            .await?
+            .is_empty()
+    );
     let row: (String, i32, i32, String, String, bool, serde_json::Value) = sqlx::query_as(
         "SELECT status, actual_cost, processing_time_ms, ai_provider, ai_model, completed_at IS NOT NULL, output
            FROM tasks WHERE id = $1",
@@ -129,7 +155,10 @@ async fn completion_writes_everything_and_charges_once(pool: PgPool) -> anyhow::
     .await?;
     assert_eq!(row.0, "completed");
     assert_eq!((row.1, row.2), (4, 12));
-    assert_eq!((row.3.as_str(), row.4.as_str(), row.5), ("mock", "mock-1", true));
+    assert_eq!(
+        (row.3.as_str(), row.4.as_str(), row.5),
+        ("mock", "mock-1", true)
+    );
     assert_eq!(row.6["text"], "hi");
     let (balance, used, reserved): (i32, i32, i32) = sqlx::query_as(
         "SELECT credits_balance, credits_used_this_month, credits_reserved FROM workspaces WHERE id = $1",
@@ -142,7 +171,9 @@ async fn completion_writes_everything_and_charges_once(pool: PgPool) -> anyhow::
 }
 
 #[sqlx::test(migrations = "../migrations")]
-async fn expired_lease_is_reclaimed_and_the_late_worker_is_fenced(pool: PgPool) -> anyhow::Result<()> {
+async fn expired_lease_is_reclaimed_and_the_late_worker_is_fenced(
+    pool: PgPool,
+) -> anyhow::Result<()> {
     let ws = workspace(&pool, 100).await?;
     let id = generate(&pool, ws, "slow", 5, &[]).await?;
     admit(&pool).await?;
@@ -154,9 +185,16 @@ async fn expired_lease_is_reclaimed_and_the_late_worker_is_fenced(pool: PgPool) 
     let r = lifecycle::reclaim_expired(&pool, 100, &[], 3).await?;
     assert_eq!((r.requeued, r.failed), (1, 0));
     assert_eq!(status(&pool, id).await?, "queued");
-    assert_eq!(error_code(&pool, id).await?.as_deref(), Some("lease_expired"));
+    assert_eq!(
+        error_code(&pool, id).await?.as_deref(),
+        Some("lease_expired")
+    );
     // The first worker's heartbeat says it lost the lease.
-    assert!(lifecycle::heartbeat(&pool, &[(id, first.lease_token)], Duration::from_secs(30)).await?.is_empty());
+    assert!(
+        lifecycle::heartbeat(&pool, &[(id, first.lease_token)], Duration::from_secs(30))
+            .await?
+            .is_empty()
+    );
     let second = lifecycle::claim(&pool, &claim_req(1)).await?.remove(0);
     assert_eq!(second.attempt, 2);
     let result = |token| Completion {
@@ -170,10 +208,19 @@ async fn expired_lease_is_reclaimed_and_the_late_worker_is_fenced(pool: PgPool) 
         ai_model: None,
     };
     // The late first worker cannot write; the second can, once.
-    assert!(lifecycle::finish_batch(&pool, &[result(first.lease_token)], &[]).await?.is_empty());
-    assert_eq!(lifecycle::finish_batch(&pool, &[result(second.lease_token)], &[]).await?, vec![id]);
+    assert!(
+        lifecycle::finish_batch(&pool, &[result(first.lease_token)], &[])
+            .await?
+            .is_empty()
+    );
+    assert_eq!(
+        lifecycle::finish_batch(&pool, &[result(second.lease_token)], &[]).await?,
+        vec![id]
+    );
     let balance: i32 = sqlx::query_scalar("SELECT credits_balance FROM workspaces WHERE id = $1")
-        .bind(ws).fetch_one(&pool).await?;
+        .bind(ws)
+        .fetch_one(&pool)
+        .await?;
     assert_eq!(balance, 95, "charged exactly once");
     Ok(())
 }
@@ -187,39 +234,72 @@ async fn reclaim_fails_a_task_on_its_last_attempt(pool: PgPool) -> anyhow::Resul
     admit(&pool).await?;
     lifecycle::claim(&pool, &claim_req(1)).await?;
     sqlx::query("UPDATE tasks SET lease_expires_at = now() - interval '1 second' WHERE id = $1")
-        .bind(id).execute(&pool).await?;
+        .bind(id)
+        .execute(&pool)
+        .await?;
     let r = lifecycle::reclaim_expired(&pool, 100, &[], 3).await?;
     assert_eq!((r.requeued, r.failed), (0, 1));
     assert_eq!(status(&pool, id).await?, "failed");
     let reserved: i32 = sqlx::query_scalar("SELECT credits_reserved FROM workspaces WHERE id = $1")
-        .bind(ws).fetch_one(&pool).await?;
+        .bind(ws)
+        .fetch_one(&pool)
+        .await?;
     assert_eq!(reserved, 0, "the reservation is released");
     Ok(())
 }
 
 #[sqlx::test(migrations = "../migrations")]
-async fn transient_errors_retry_with_backoff_then_fail_with_details(pool: PgPool) -> anyhow::Result<()> {
-    let config = config_with(&[("providers.mock.failure_rate", "1.0"), ("retry.base_ms", "300"), ("retry.jitter", "false")]);
+async fn transient_errors_retry_with_backoff_then_fail_with_details(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    let config = config_with(&[
+        ("providers.mock.failure_rate", "1.0"),
+        ("retry.base_ms", "300"),
+        ("retry.jitter", "false"),
+    ]);
     let ws = workspace(&pool, 100).await?;
     let id = generate(&pool, ws, "always fails", 5, &[]).await?;
     let engine = engine_pool(&pool, &config).await?;
     let fleet = InProcessFleet::start(&engine, &config, 1, 1);
     // After the first failure the task waits in pending with a backoff.
-    wait_for(&pool, "SELECT attempt = 1 AND status = 'pending' FROM tasks", T).await?;
-    let wait_ms: f64 = sqlx::query_scalar("SELECT EXTRACT(EPOCH FROM scheduled_for - now())::float8 * 1000 FROM tasks")
-        .fetch_one(&pool).await?;
-    assert!(wait_ms > 100.0 && wait_ms <= 300.0, "backoff of ~300 ms, got {wait_ms}");
+    wait_for(
+        &pool,
+        "SELECT attempt = 1 AND status = 'pending' FROM tasks",
+        T,
+    )
+    .await?;
+    let wait_ms: f64 = sqlx::query_scalar(
+        "SELECT EXTRACT(EPOCH FROM scheduled_for - now())::float8 * 1000 FROM tasks",
+    )
+    .fetch_one(&pool)
+    .await?;
+    assert!(
+        wait_ms > 100.0 && wait_ms <= 300.0,
+        "backoff of ~300 ms, got {wait_ms}"
+    );
     wait_for(&pool, "SELECT status = 'failed' FROM tasks", T).await?;
     fleet.shutdown().await?;
-    let details: serde_json::Value = sqlx::query_scalar("SELECT error_details FROM tasks WHERE id = $1")
-        .bind(id).fetch_one(&pool).await?;
+    let details: serde_json::Value =
+        sqlx::query_scalar("SELECT error_details FROM tasks WHERE id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await?;
     assert_eq!(details["code"], "provider_unavailable");
     assert_eq!(details["attempt"], 3);
     assert_eq!(details["http_status"], 503);
-    assert!(details["message"].as_str().unwrap_or("").contains("gave up after 3 attempts"), "{details}");
+    assert!(
+        details["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("gave up after 3 attempts"),
+        "{details}"
+    );
     assert!(details["body_excerpt"].as_str().is_some());
-    let (balance, reserved): (i32, i32) = sqlx::query_as("SELECT credits_balance, credits_reserved FROM workspaces WHERE id = $1")
-        .bind(ws).fetch_one(&pool).await?;
+    let (balance, reserved): (i32, i32) =
+        sqlx::query_as("SELECT credits_balance, credits_reserved FROM workspaces WHERE id = $1")
+            .bind(ws)
+            .fetch_one(&pool)
+            .await?;
     assert_eq!((balance, reserved), (100, 0), "a failed task costs nothing");
     Ok(())
 }
@@ -253,7 +333,12 @@ async fn fan_in_waits_for_all_three_parents(pool: PgPool) -> anyhow::Result<()> 
     let child = generate(&pool, ws, "child", 1, &parents).await?;
     let engine = engine_pool(&pool, &config).await?;
     let fleet = InProcessFleet::start(&engine, &config, 1, 3);
-    wait_for(&pool, "SELECT count(*) = 4 FROM tasks WHERE status = 'completed'", T).await?;
+    wait_for(
+        &pool,
+        "SELECT count(*) = 4 FROM tasks WHERE status = 'completed'",
+        T,
+    )
+    .await?;
     fleet.shutdown().await?;
     let ok: bool = sqlx::query_scalar(
         "SELECT c.started_at >= (SELECT max(completed_at) FROM tasks WHERE id = ANY($2))
@@ -281,9 +366,16 @@ async fn a_chain_of_100_runs_in_order(pool: PgPool) -> anyhow::Result<()> {
     }
     let engine = engine_pool(&pool, &config).await?;
     let fleet = InProcessFleet::start(&engine, &config, 1, 2);
-    wait_for(&pool, "SELECT count(*) = 100 FROM tasks WHERE status = 'completed'", Duration::from_secs(60)).await?;
+    wait_for(
+        &pool,
+        "SELECT count(*) = 100 FROM tasks WHERE status = 'completed'",
+        Duration::from_secs(60),
+    )
+    .await?;
     fleet.shutdown().await?;
-    let order: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM tasks ORDER BY started_at").fetch_all(&pool).await?;
+    let order: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM tasks ORDER BY started_at")
+        .fetch_all(&pool)
+        .await?;
     assert_eq!(order, chain);
     let overlaps: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM tasks c JOIN tasks p ON p.id = ANY(c.depends_on) WHERE c.started_at < p.completed_at",
@@ -304,7 +396,12 @@ async fn failure_cascades_to_dependents_transitively(pool: PgPool) -> anyhow::Re
     let bystander = generate(&pool, ws, "unrelated", 5, &[]).await?;
     let engine = engine_pool(&pool, &config).await?;
     let fleet = InProcessFleet::start(&engine, &config, 1, 1);
-    wait_for(&pool, "SELECT count(*) = 0 FROM tasks WHERE status IN ('pending', 'queued', 'processing')", T).await?;
+    wait_for(
+        &pool,
+        "SELECT count(*) = 0 FROM tasks WHERE status IN ('pending', 'queued', 'processing')",
+        T,
+    )
+    .await?;
     fleet.shutdown().await?;
     assert_eq!(status(&pool, root).await?, "failed");
     assert_eq!(status(&pool, child).await?, "cancelled");
@@ -313,10 +410,18 @@ async fn failure_cascades_to_dependents_transitively(pool: PgPool) -> anyhow::Re
     let (code, dep): (String, String) = sqlx::query_as(
         "SELECT error_details ->> 'code', error_details ->> 'dependency' FROM tasks WHERE id = $1",
     )
-    .bind(child).fetch_one(&pool).await?;
-    assert_eq!((code.as_str(), dep), ("dependency_failed", root.to_string()));
-    let dep: String = sqlx::query_scalar("SELECT error_details ->> 'dependency' FROM tasks WHERE id = $1")
-        .bind(grandchild).fetch_one(&pool).await?;
+    .bind(child)
+    .fetch_one(&pool)
+    .await?;
+    assert_eq!(
+        (code.as_str(), dep),
+        ("dependency_failed", root.to_string())
+    );
+    let dep: String =
+        sqlx::query_scalar("SELECT error_details ->> 'dependency' FROM tasks WHERE id = $1")
+            .bind(grandchild)
+            .fetch_one(&pool)
+            .await?;
     assert_eq!(dep, child.to_string());
     Ok(())
 }
@@ -329,10 +434,18 @@ async fn escalate_policy_escalates_dependents_instead(pool: PgPool) -> anyhow::R
     let child = generate(&pool, ws, "child", 5, &[root]).await?;
     let engine = engine_pool(&pool, &config).await?;
     let fleet = InProcessFleet::start(&engine, &config, 1, 1);
-    wait_for(&pool, "SELECT count(*) = 0 FROM tasks WHERE status IN ('pending', 'queued', 'processing')", T).await?;
+    wait_for(
+        &pool,
+        "SELECT count(*) = 0 FROM tasks WHERE status IN ('pending', 'queued', 'processing')",
+        T,
+    )
+    .await?;
     fleet.shutdown().await?;
     assert_eq!(status(&pool, child).await?, "escalated");
-    assert_eq!(error_code(&pool, child).await?.as_deref(), Some("dependency_failed"));
+    assert_eq!(
+        error_code(&pool, child).await?.as_deref(),
+        Some("dependency_failed")
+    );
     Ok(())
 }
 
@@ -360,14 +473,31 @@ async fn cycles_and_missing_dependencies_are_rejected(pool: PgPool) -> anyhow::R
     admit(&pool).await?;
     admit(&pool).await?;
     assert_eq!(status(&pool, a).await?, "failed");
-    assert_eq!(error_code(&pool, a).await?.as_deref(), Some("dependency_cycle"));
+    assert_eq!(
+        error_code(&pool, a).await?.as_deref(),
+        Some("dependency_cycle")
+    );
     assert_eq!(status(&pool, b).await?, "failed");
     assert_eq!(status(&pool, own).await?, "failed");
-    assert_eq!(error_code(&pool, own).await?.as_deref(), Some("dependency_cycle"));
+    assert_eq!(
+        error_code(&pool, own).await?.as_deref(),
+        Some("dependency_cycle")
+    );
     assert_eq!(status(&pool, missing).await?, "failed");
-    assert_eq!(error_code(&pool, missing).await?.as_deref(), Some("missing_dependency"));
-    assert_eq!(status(&pool, foreign).await?, "failed", "a task of another workspace counts as missing");
-    assert_eq!(status(&pool, foreign_parent).await?, "queued", "the other workspace is not disturbed");
+    assert_eq!(
+        error_code(&pool, missing).await?.as_deref(),
+        Some("missing_dependency")
+    );
+    assert_eq!(
+        status(&pool, foreign).await?,
+        "failed",
+        "a task of another workspace counts as missing"
+    );
+    assert_eq!(
+        status(&pool, foreign_parent).await?,
+        "queued",
+        "the other workspace is not disturbed"
+    );
     Ok(())
 }
 
@@ -384,20 +514,33 @@ async fn bad_tasks_fail_clearly_and_disturb_nothing(pool: PgPool) -> anyhow::Res
     let bad = lifecycle::enqueue(&pool, &bad).await?;
     let mut negative = NewTask::generate(ws, "x");
     negative.estimated_cost = Some(-5);
-    let err = lifecycle::enqueue(&pool, &negative).await.expect_err("negative cost is rejected");
+    let err = lifecycle::enqueue(&pool, &negative)
+        .await
+        .expect_err("negative cost is rejected");
     assert!(err.to_string().contains("valid_estimated_cost"), "{err}");
 
     let engine = engine_pool(&pool, &config).await?;
     let fleet = InProcessFleet::start(&engine, &config, 1, 1);
-    wait_for(&pool, "SELECT count(*) = 0 FROM tasks WHERE status IN ('pending', 'queued', 'processing')", T).await?;
+    wait_for(
+        &pool,
+        "SELECT count(*) = 0 FROM tasks WHERE status IN ('pending', 'queued', 'processing')",
+        T,
+    )
+    .await?;
     fleet.shutdown().await?;
     assert_eq!(status(&pool, good).await?, "completed");
     assert_eq!(status(&pool, unknown).await?, "failed");
-    assert_eq!(error_code(&pool, unknown).await?.as_deref(), Some("unknown_task_type"));
+    assert_eq!(
+        error_code(&pool, unknown).await?.as_deref(),
+        Some("unknown_task_type")
+    );
     assert_eq!(status(&pool, bad).await?, "failed");
     assert_eq!(error_code(&pool, bad).await?.as_deref(), Some("bad_input"));
-    let msg: String = sqlx::query_scalar("SELECT error_details ->> 'message' FROM tasks WHERE id = $1")
-        .bind(bad).fetch_one(&pool).await?;
+    let msg: String =
+        sqlx::query_scalar("SELECT error_details ->> 'message' FROM tasks WHERE id = $1")
+            .bind(bad)
+            .fetch_one(&pool)
+            .await?;
     assert!(msg.contains("\"prompt\" that is not a string"), "{msg}");
     Ok(())
 }
@@ -417,16 +560,25 @@ async fn human_and_expensive_tasks_are_escalated(pool: PgPool) -> anyhow::Result
     let fine = lifecycle::enqueue(&pool, &fine).await?;
     admit(&pool).await?;
     assert_eq!(status(&pool, human).await?, "escalated");
-    assert_eq!(error_code(&pool, human).await?.as_deref(), Some("human_task"));
+    assert_eq!(
+        error_code(&pool, human).await?.as_deref(),
+        Some("human_task")
+    );
     assert_eq!(status(&pool, pricey).await?, "escalated");
-    assert_eq!(error_code(&pool, pricey).await?.as_deref(), Some("over_max_task_cost"));
+    assert_eq!(
+        error_code(&pool, pricey).await?.as_deref(),
+        Some("over_max_task_cost")
+    );
     assert_eq!(status(&pool, fine).await?, "queued");
     Ok(())
 }
 
 #[sqlx::test(migrations = "../migrations")]
 async fn cancel_pending_queued_and_running_tasks(pool: PgPool) -> anyhow::Result<()> {
-    let config = config_with(&[("providers.mock.latency_ms", "20000"), ("worker.concurrency", "1")]);
+    let config = config_with(&[
+        ("providers.mock.latency_ms", "20000"),
+        ("worker.concurrency", "1"),
+    ]);
     let ws = workspace(&pool, 100).await?;
     let running = generate(&pool, ws, "slow", 1, &[]).await?;
     let queued = generate(&pool, ws, "waiting", 9, &[]).await?;
@@ -435,30 +587,54 @@ async fn cancel_pending_queued_and_running_tasks(pool: PgPool) -> anyhow::Result
     let pending = lifecycle::enqueue(&pool, &later).await?;
     let engine = engine_pool(&pool, &config).await?;
     let fleet = InProcessFleet::start(&engine, &config, 1, 1);
-    wait_for(&pool, "SELECT count(*) = 1 FROM tasks WHERE status = 'processing'", T).await?;
+    wait_for(
+        &pool,
+        "SELECT count(*) = 1 FROM tasks WHERE status = 'processing'",
+        T,
+    )
+    .await?;
     assert_eq!(status(&pool, running).await?, "processing");
 
     assert_eq!(lifecycle::cancel(&pool, pending, "test").await?, "pending");
     assert_eq!(lifecycle::cancel(&pool, queued, "test").await?, "queued");
     let started = std::time::Instant::now();
-    assert_eq!(lifecycle::cancel(&pool, running, "test").await?, "processing");
-    assert!(lifecycle::cancel(&pool, running, "again").await.is_err(), "a cancelled task cannot be cancelled again");
+    assert_eq!(
+        lifecycle::cancel(&pool, running, "test").await?,
+        "processing"
+    );
+    assert!(
+        lifecycle::cancel(&pool, running, "again").await.is_err(),
+        "a cancelled task cannot be cancelled again"
+    );
     let stats = fleet.shutdown().await?;
     // The worker aborted the 20 s provider call: shutdown did not have to wait for it.
-    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
     assert_eq!(stats[0].aborted, 1, "{stats:?}");
     assert_eq!(stats[0].completed, 0, "{stats:?}");
     for id in [running, queued, pending] {
         assert_eq!(status(&pool, id).await?, "cancelled");
     }
-    let (balance, reserved): (i32, i32) = sqlx::query_as("SELECT credits_balance, credits_reserved FROM workspaces WHERE id = $1")
-        .bind(ws).fetch_one(&pool).await?;
-    assert_eq!((balance, reserved), (100, 0), "nothing charged, reservation released");
+    let (balance, reserved): (i32, i32) =
+        sqlx::query_as("SELECT credits_balance, credits_reserved FROM workspaces WHERE id = $1")
+            .bind(ws)
+            .fetch_one(&pool)
+            .await?;
+    assert_eq!(
+        (balance, reserved),
+        (100, 0),
+        "nothing charged, reservation released"
+    );
     Ok(())
 }
 
 #[sqlx::test(migrations = "../migrations")]
-async fn a_workspace_out_of_credits_waits_and_resumes_when_topped_up(pool: PgPool) -> anyhow::Result<()> {
+async fn a_workspace_out_of_credits_waits_and_resumes_when_topped_up(
+    pool: PgPool,
+) -> anyhow::Result<()> {
     let config = test_config();
     let ws = workspace(&pool, 2).await?;
     let mut ids = Vec::new();
@@ -467,7 +643,12 @@ async fn a_workspace_out_of_credits_waits_and_resumes_when_topped_up(pool: PgPoo
     }
     let engine = engine_pool(&pool, &config).await?;
     let fleet = InProcessFleet::start(&engine, &config, 1, 2);
-    wait_for(&pool, "SELECT count(*) = 2 FROM tasks WHERE status = 'completed'", T).await?;
+    wait_for(
+        &pool,
+        "SELECT count(*) = 2 FROM tasks WHERE status = 'completed'",
+        T,
+    )
+    .await?;
     wait_for(&pool, "SELECT count(*) = 3 FROM tasks WHERE status = 'pending' AND wait_reason = 'insufficient_credits'", T).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (completed, failed): (i64, i64) = sqlx::query_as(
@@ -476,10 +657,21 @@ async fn a_workspace_out_of_credits_waits_and_resumes_when_topped_up(pool: PgPoo
     .fetch_one(&pool)
     .await?;
     assert_eq!((completed, failed), (2, 0), "the rest wait, none fail");
-    sqlx::query("UPDATE workspaces SET credits_balance = 100 WHERE id = $1").bind(ws).execute(&pool).await?;
-    wait_for(&pool, "SELECT count(*) = 5 FROM tasks WHERE status = 'completed'", T).await?;
+    sqlx::query("UPDATE workspaces SET credits_balance = 100 WHERE id = $1")
+        .bind(ws)
+        .execute(&pool)
+        .await?;
+    wait_for(
+        &pool,
+        "SELECT count(*) = 5 FROM tasks WHERE status = 'completed'",
+        T,
+    )
+    .await?;
     fleet.shutdown().await?;
-    let balance: i32 = sqlx::query_scalar("SELECT credits_balance FROM workspaces WHERE id = $1").bind(ws).fetch_one(&pool).await?;
+    let balance: i32 = sqlx::query_scalar("SELECT credits_balance FROM workspaces WHERE id = $1")
+        .bind(ws)
+        .fetch_one(&pool)
+        .await?;
     assert_eq!(balance, 97);
     Ok(())
 }
@@ -487,15 +679,27 @@ async fn a_workspace_out_of_credits_waits_and_resumes_when_topped_up(pool: PgPoo
 #[sqlx::test(migrations = "../migrations")]
 async fn a_suspended_workspace_waits_with_the_reason(pool: PgPool) -> anyhow::Result<()> {
     let ws = workspace(&pool, 100).await?;
-    sqlx::query("UPDATE workspaces SET subscription_status = 'suspended' WHERE id = $1").bind(ws).execute(&pool).await?;
+    sqlx::query("UPDATE workspaces SET subscription_status = 'suspended' WHERE id = $1")
+        .bind(ws)
+        .execute(&pool)
+        .await?;
     let id = generate(&pool, ws, "x", 5, &[]).await?;
     admit(&pool).await?;
     assert!(lifecycle::claim(&pool, &claim_req(10)).await?.is_empty());
-    let (st, why): (String, Option<String>) = sqlx::query_as("SELECT status, wait_reason FROM tasks WHERE id = $1")
-        .bind(id).fetch_one(&pool).await?;
-    assert_eq!((st.as_str(), why.as_deref()), ("pending", Some("subscription_inactive")));
+    let (st, why): (String, Option<String>) =
+        sqlx::query_as("SELECT status, wait_reason FROM tasks WHERE id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await?;
+    assert_eq!(
+        (st.as_str(), why.as_deref()),
+        ("pending", Some("subscription_inactive"))
+    );
     assert_eq!(lifecycle::unpark(&pool).await?, 0);
-    sqlx::query("UPDATE workspaces SET subscription_status = 'active' WHERE id = $1").bind(ws).execute(&pool).await?;
+    sqlx::query("UPDATE workspaces SET subscription_status = 'active' WHERE id = $1")
+        .bind(ws)
+        .execute(&pool)
+        .await?;
     assert_eq!(lifecycle::unpark(&pool).await?, 1);
     assert_eq!(lifecycle::promote(&pool, 10).await?, 1);
     assert_eq!(lifecycle::claim(&pool, &claim_req(10)).await?.len(), 1);
@@ -525,26 +729,49 @@ async fn concurrent_claims_never_overspend(pool: PgPool) -> anyhow::Result<()> {
         total += h.await??;
     }
     assert_eq!(total, 10, "exactly the 10 credits' worth were claimed");
-    let reserved: i32 = sqlx::query_scalar("SELECT credits_reserved FROM workspaces WHERE id = $1").bind(ws).fetch_one(&pool).await?;
+    let reserved: i32 = sqlx::query_scalar("SELECT credits_reserved FROM workspaces WHERE id = $1")
+        .bind(ws)
+        .fetch_one(&pool)
+        .await?;
     assert_eq!(reserved, 10);
     Ok(())
 }
 
 #[sqlx::test(migrations = "../migrations")]
-async fn shutdown_releases_unfinished_tasks_without_counting_the_attempt(pool: PgPool) -> anyhow::Result<()> {
-    let config = config_with(&[("providers.mock.latency_ms", "20000"), ("worker.shutdown_grace_seconds", "0")]);
+async fn shutdown_releases_unfinished_tasks_without_counting_the_attempt(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    let config = config_with(&[
+        ("providers.mock.latency_ms", "20000"),
+        ("worker.shutdown_grace_seconds", "0"),
+    ]);
     let ws = workspace(&pool, 100).await?;
     for i in 0..3 {
         generate(&pool, ws, &format!("t{i}"), 5, &[]).await?;
     }
     let engine = engine_pool(&pool, &config).await?;
     let fleet = InProcessFleet::start(&engine, &config, 1, 1);
-    wait_for(&pool, "SELECT count(*) = 3 FROM tasks WHERE status = 'processing'", T).await?;
+    wait_for(
+        &pool,
+        "SELECT count(*) = 3 FROM tasks WHERE status = 'processing'",
+        T,
+    )
+    .await?;
     let stats = fleet.shutdown().await?;
     assert_eq!(stats[0].released, 3, "{stats:?}");
-    let rows: Vec<(String, i32, Option<Uuid>)> = sqlx::query_as("SELECT status, attempt, lease_token FROM tasks").fetch_all(&pool).await?;
-    assert!(rows.iter().all(|r| r.0 == "queued" && r.1 == 0 && r.2.is_none()), "{rows:?}");
-    let reserved: i32 = sqlx::query_scalar("SELECT credits_reserved FROM workspaces WHERE id = $1").bind(ws).fetch_one(&pool).await?;
+    let rows: Vec<(String, i32, Option<Uuid>)> =
+        sqlx::query_as("SELECT status, attempt, lease_token FROM tasks")
+            .fetch_all(&pool)
+            .await?;
+    assert!(
+        rows.iter()
+            .all(|r| r.0 == "queued" && r.1 == 0 && r.2.is_none()),
+        "{rows:?}"
+    );
+    let reserved: i32 = sqlx::query_scalar("SELECT credits_reserved FROM workspaces WHERE id = $1")
+        .bind(ws)
+        .fetch_one(&pool)
+        .await?;
     assert_eq!(reserved, 0);
     Ok(())
 }
@@ -555,10 +782,19 @@ async fn type_patterns_make_specialised_pools(pool: PgPool) -> anyhow::Result<()
     let id = generate(&pool, ws, "x", 5, &[]).await?;
     admit(&pool).await?;
     let content_only = vec![bizq::config::glob_to_like("content.*")];
-    let req = ClaimRequest { type_patterns: Some(&content_only), ..claim_req(10) };
-    assert!(lifecycle::claim(&pool, &req).await?.is_empty(), "ai.generate is not content.*");
+    let req = ClaimRequest {
+        type_patterns: Some(&content_only),
+        ..claim_req(10)
+    };
+    assert!(
+        lifecycle::claim(&pool, &req).await?.is_empty(),
+        "ai.generate is not content.*"
+    );
     let ai = vec![bizq::config::glob_to_like("ai.*")];
-    let req = ClaimRequest { type_patterns: Some(&ai), ..claim_req(10) };
+    let req = ClaimRequest {
+        type_patterns: Some(&ai),
+        ..claim_req(10)
+    };
     assert_eq!(lifecycle::claim(&pool, &req).await?[0].id, id);
     Ok(())
 }
@@ -571,13 +807,18 @@ async fn admin_retry_starts_a_failed_task_over(pool: PgPool) -> anyhow::Result<(
     admit(&pool).await?;
     assert_eq!(status(&pool, id).await?, "failed");
     assert!(lifecycle::retry(&pool, Uuid::new_v4()).await.is_err());
-    sqlx::query("UPDATE tasks SET depends_on = '{}' WHERE id = $1").bind(id).execute(&pool).await?;
+    sqlx::query("UPDATE tasks SET depends_on = '{}' WHERE id = $1")
+        .bind(id)
+        .execute(&pool)
+        .await?;
     assert_eq!(lifecycle::retry(&pool, id).await?, "failed");
     let engine = engine_pool(&pool, &config).await?;
     let fleet = InProcessFleet::start(&engine, &config, 1, 1);
     wait_for(&pool, "SELECT status = 'completed' FROM tasks", T).await?;
     fleet.shutdown().await?;
-    let e = lifecycle::retry(&pool, id).await.expect_err("completed tasks are not retried");
+    let e = lifecycle::retry(&pool, id)
+        .await
+        .expect_err("completed tasks are not retried");
     assert!(e.to_string().contains("is completed"), "{e}");
     Ok(())
 }

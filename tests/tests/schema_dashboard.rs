@@ -77,7 +77,7 @@ async fn dashboard_counts_are_not_multiplied_by_joins(pool: PgPool) -> anyhow::R
     set_status(&pool, processing, "processing").await?;
     let done = create_task(&pool, ws, Some(3)).await?;
     set_status(&pool, done, "completed").await?;
-    // 2 orders: 120.50 an hour ago, 79.25 ten days ago.
+    // 2 orders: 120.50 a minute ago, 79.25 ten days ago.
     add_order(&pool, ws, "120.50", "confirmed", "1 minute").await?;
     add_order(&pool, ws, "79.25", "delivered", "10 days").await?;
     // 4 products: 3 active, 1 draft.

@@ -46,15 +46,15 @@ impl Provider for MockProvider {
             if self.config.latency_ms > 0 {
                 tokio::time::sleep(Duration::from_millis(self.config.latency_ms)).await;
             }
-            if let Some(marker) = &self.config.permanent_failure_marker {
-                if request.prompt.contains(marker.as_str()) {
-                    return Err(ProviderError::from_http(
-                        "mock",
-                        400,
-                        r#"{"error":"the prompt was rejected by the mock provider"}"#,
-                        None,
-                    ));
-                }
+            if let Some(marker) = &self.config.permanent_failure_marker
+                && request.prompt.contains(marker.as_str())
+            {
+                return Err(ProviderError::from_http(
+                    "mock",
+                    400,
+                    r#"{"error":"the prompt was rejected by the mock provider"}"#,
+                    None,
+                ));
             }
             if self.fails_transiently(request) {
                 return Err(ProviderError::from_http(

@@ -107,26 +107,43 @@ impl ProviderError {
 }
 
 /// The first `max_chars` characters of a provider's body with anything that looks like a
-/// credential (`sk-…`, `Bearer …`, `key=…`) masked.
+/// credential masked: `sk-…` keys, `key=…` pairs, the token after `Bearer`, and any long
+/// unbroken run of key-like characters.
 pub fn redact(body: &str, max_chars: usize) -> String {
     let excerpt: String = body.chars().take(max_chars).collect();
-    excerpt
-        .split_inclusive(|c: char| c.is_whitespace() || c == '"' || c == '\'' || c == ',')
-        .map(|word| {
-            let w = word.trim_end_matches(|c: char| c.is_whitespace() || c == '"' || c == '\'' || c == ',');
-            let looks_secret = w.starts_with("sk-")
-                || w.starts_with("sk_")
-                || w.starts_with("key=")
-                || w.starts_with("api_key=")
-                || (w.len() >= 32 && w.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
-            if looks_secret {
-                word.replacen(w, "[redacted]", 1)
-            } else {
-                word.to_string()
-            }
-        })
-        .collect::<String>()
-        .replace("Bearer ", "Bearer [redacted] ")
+    let is_sep =
+        |c: char| c.is_whitespace() || matches!(c, '"' | '\'' | ',' | ':' | '{' | '}' | '[' | ']');
+    let mut out = String::with_capacity(excerpt.len());
+    let mut word = String::new();
+    let mut after_bearer = false;
+    let flush = |word: &mut String, out: &mut String, after_bearer: &mut bool| {
+        if word.is_empty() {
+            return;
+        }
+        let lower = word.to_ascii_lowercase();
+        let secret = *after_bearer
+            || lower.starts_with("sk-")
+            || lower.starts_with("sk_")
+            || lower.contains("key=")
+            || lower.contains("token=")
+            || (word.len() >= 32
+                && word
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
+        *after_bearer = lower == "bearer";
+        out.push_str(if secret { "[redacted]" } else { word.as_str() });
+        word.clear();
+    };
+    for c in excerpt.chars() {
+        if is_sep(c) {
+            flush(&mut word, &mut out, &mut after_bearer);
+            out.push(c);
+        } else {
+            word.push(c);
+        }
+    }
+    flush(&mut word, &mut out, &mut after_bearer);
+    out
 }
 
 /// A text-generation backend.
@@ -171,7 +188,11 @@ impl Providers {
                 "unknown_provider",
                 format!(
                     "provider '{name}' is not enabled on this worker (enabled: {})",
-                    if enabled.is_empty() { "none".to_string() } else { enabled.join(", ") }
+                    if enabled.is_empty() {
+                        "none".to_string()
+                    } else {
+                        enabled.join(", ")
+                    }
                 ),
             )
         })
@@ -184,18 +205,33 @@ mod tests {
 
     #[test]
     fn http_errors_are_classified() {
-        assert_eq!(ProviderError::from_http("x", 429, "", None).kind, ErrorKind::Transient);
-        assert_eq!(ProviderError::from_http("x", 503, "", None).kind, ErrorKind::Transient);
-        assert_eq!(ProviderError::from_http("x", 400, "", None).kind, ErrorKind::Permanent);
-        assert_eq!(ProviderError::from_http("x", 401, "", None).code, "provider_auth");
+        assert_eq!(
+            ProviderError::from_http("x", 429, "", None).kind,
+            ErrorKind::Transient
+        );
+        assert_eq!(
+            ProviderError::from_http("x", 503, "", None).kind,
+            ErrorKind::Transient
+        );
+        assert_eq!(
+            ProviderError::from_http("x", 400, "", None).kind,
+            ErrorKind::Permanent
+        );
+        assert_eq!(
+            ProviderError::from_http("x", 401, "", None).code,
+            "provider_auth"
+        );
     }
 
     #[test]
     fn bodies_lose_anything_like_a_key() {
-        let body = r#"{"error": "invalid key sk-abc123def456", "auth": "Bearer xyz"}"#;
+        let body = r#"{"error": "invalid key sk-abc123def456", "auth": "Bearer xyz", "url": "/v1?api_key=s3cret"}"#;
         let r = redact(body, 500);
         assert!(!r.contains("sk-abc123def456"), "{r}");
         assert!(!r.contains("xyz"), "{r}");
+        assert!(!r.contains("s3cret"), "{r}");
         assert!(r.contains("invalid key"), "{r}");
+        assert!(r.contains("\"error\""), "{r}");
+        assert_eq!(redact("abcdef", 3), "abc");
     }
 }
