@@ -103,51 +103,64 @@ SECURITY DEFINER
 SET search_path = public, pg_temp
 AS $$
 DECLARE
-  task_cost integer := GREATEST(COALESCE(NEW.actual_cost, NEW.estimated_cost, 0), 0);
-  old_balance integer;
-  new_balance integer;
+  r            record;
+  old_balance  integer;
+  new_balance  integer;
   credit_limit integer;
-  threshold numeric;
+  threshold    numeric;
 BEGIN
-  IF NEW.status IS DISTINCT FROM 'completed' OR OLD.status IS NOT DISTINCT FROM 'completed' THEN
-    RETURN NULL;
-  END IF;
-  IF task_cost = 0 THEN
-    RETURN NULL;
-  END IF;
+  -- One pass per workspace per statement (workspaces in id order, the engine's lock order):
+  -- a worker completing 500 tasks of one workspace updates that workspace row once, not 500
+  -- times. The statement's completions are charged together, so "once per crossing" holds per
+  -- statement too: the balance crosses the threshold at most once in one UPDATE.
+  FOR r IN
+    SELECT n.workspace_id,
+           SUM(GREATEST(COALESCE(n.actual_cost, n.estimated_cost, 0), 0))::integer AS cost,
+           (array_agg(n.id ORDER BY COALESCE(n.actual_cost, n.estimated_cost, 0) DESC, n.id))[1] AS task_id
+      FROM completed_new n
+      JOIN completed_old o ON o.id = n.id
+     WHERE n.status = 'completed'
+       AND o.status IS DISTINCT FROM 'completed'
+     GROUP BY n.workspace_id
+    HAVING SUM(GREATEST(COALESCE(n.actual_cost, n.estimated_cost, 0), 0)) > 0
+     ORDER BY n.workspace_id
+  LOOP
+    SELECT credits_balance INTO old_balance
+    FROM workspaces WHERE id = r.workspace_id
+    FOR NO KEY UPDATE;
 
-  SELECT credits_balance INTO old_balance
-  FROM workspaces WHERE id = NEW.workspace_id
-  FOR NO KEY UPDATE;
+    UPDATE workspaces SET
+      credits_balance = GREATEST(credits_balance - r.cost, 0),
+      credits_used_this_month = credits_used_this_month + r.cost,
+      credits_overdrawn = credits_overdrawn + GREATEST(r.cost - credits_balance, 0)
+    WHERE id = r.workspace_id
+    RETURNING credits_balance, monthly_credit_limit INTO new_balance, credit_limit;
 
-  UPDATE workspaces SET
-    credits_balance = GREATEST(credits_balance - task_cost, 0),
-    credits_used_this_month = credits_used_this_month + task_cost,
-    credits_overdrawn = credits_overdrawn + GREATEST(task_cost - credits_balance, 0)
-  WHERE id = NEW.workspace_id
-  RETURNING credits_balance, monthly_credit_limit INTO new_balance, credit_limit;
-
-  threshold := credit_limit * 0.10;
-  IF old_balance >= threshold AND new_balance < threshold THEN
-    INSERT INTO analytics_events (workspace_id, event_type, event_name, source, task_id, properties)
-    VALUES (NEW.workspace_id, 'system', 'low_credits', 'billing', NEW.id,
-            jsonb_build_object(
-              'credits_remaining', new_balance,
-              'threshold', threshold,
-              'monthly_credit_limit', credit_limit,
-              'task_id', NEW.id,
-              'task_cost', task_cost));
-  END IF;
+    threshold := credit_limit * 0.10;
+    IF old_balance >= threshold AND new_balance < threshold THEN
+      INSERT INTO analytics_events (workspace_id, event_type, event_name, source, task_id, properties)
+      VALUES (r.workspace_id, 'system', 'low_credits', 'billing', r.task_id,
+              jsonb_build_object(
+                'credits_remaining', new_balance,
+                'threshold', threshold,
+                'monthly_credit_limit', credit_limit,
+                'task_id', r.task_id,
+                'task_cost', r.cost));
+    END IF;
+  END LOOP;
 
   RETURN NULL;
 END;
 $$;
 
+-- FIX: statement-level with transition tables (PostgreSQL forbids a column list there, so it
+-- fires for every UPDATE of tasks and filters on the status change itself). Row-level, it
+-- updated the hot workspace row once per task, which was a third of the queue's cost.
 DROP TRIGGER IF EXISTS deduct_task_credits_trigger ON tasks;
 CREATE TRIGGER deduct_task_credits_trigger
-  AFTER UPDATE OF status ON tasks
-  FOR EACH ROW
-  WHEN (NEW.status = 'completed' AND OLD.status IS DISTINCT FROM 'completed')
+  AFTER UPDATE ON tasks
+  REFERENCING OLD TABLE AS completed_old NEW TABLE AS completed_new
+  FOR EACH STATEMENT
   EXECUTE FUNCTION deduct_task_credits();
 
 -- ---------------------------------------------------------------------------------------------

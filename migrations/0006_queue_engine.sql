@@ -128,7 +128,8 @@ CREATE TRIGGER tasks_notify_pending
 
 -- Release the credits reserved by an attempt when the task leaves `processing`, whatever the
 -- path (completed, failed, retried, cancelled, reclaimed, released at shutdown, or an admin's
--- UPDATE by hand). The charge itself is deduct_task_credits' job.
+-- UPDATE by hand). The charge itself is deduct_task_credits' job. Statement-level, like the
+-- charge: one update per workspace per statement, workspaces in id order.
 CREATE OR REPLACE FUNCTION bizq_release_reservation()
 RETURNS TRIGGER
 LANGUAGE plpgsql
@@ -136,18 +137,25 @@ SECURITY DEFINER
 SET search_path = public, pg_temp
 AS $$
 BEGIN
-  UPDATE workspaces
-     SET credits_reserved = GREATEST(credits_reserved - OLD.reserved_credits, 0)
-   WHERE id = OLD.workspace_id;
+  UPDATE workspaces w
+     SET credits_reserved = GREATEST(w.credits_reserved - r.released, 0)
+    FROM (SELECT o.workspace_id, SUM(o.reserved_credits)::integer AS released
+            FROM released_old o
+            JOIN released_new n ON n.id = o.id
+           WHERE o.status = 'processing'
+             AND n.status IS DISTINCT FROM 'processing'
+             AND o.reserved_credits > 0
+           GROUP BY o.workspace_id) r
+   WHERE w.id = r.workspace_id;
   RETURN NULL;
 END;
 $$;
 
 DROP TRIGGER IF EXISTS tasks_release_reservation ON tasks;
 CREATE TRIGGER tasks_release_reservation
-  AFTER UPDATE OF status ON tasks
-  FOR EACH ROW
-  WHEN (OLD.status = 'processing' AND NEW.status IS DISTINCT FROM 'processing' AND OLD.reserved_credits > 0)
+  AFTER UPDATE ON tasks
+  REFERENCING OLD TABLE AS released_old NEW TABLE AS released_new
+  FOR EACH STATEMENT
   EXECUTE FUNCTION bizq_release_reservation();
 
 -- Resolve the dependents of a task that reached a terminal state.

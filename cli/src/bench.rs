@@ -1,9 +1,499 @@
-//! `bizq bench`: throughput and latency figures (see README).
+//! `bizq bench`: the figures quoted in the README, measured in one run so they compare as
+//! ratios on a noisy machine.
+//!
+//! 1. End to end: N tasks inserted as `pending`, the clock runs until the last is `completed`
+//!    (mock provider at 0 ms), with 1, 2 and 4 worker processes and one scheduler.
+//! 2. Pickup latency on an idle fleet: single inserts, `started_at - created_at`.
+//! 3. Claim throughput of the claim statement alone: a near-empty queue, one with 1,000,000
+//!    queued tasks, and one with 100,000 tasks blocked on an unfinished dependency.
+//! 4. The same lifecycle as raw SQL through `pgbench` on the same schema (admit, the engine's
+//!    own claim statement, complete), for the ratio engine / raw SQL.
+//!
+//! Each scenario runs in a fresh database `bizq_bench` next to the one `DATABASE_URL` names.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bizq::lifecycle::{self, CLAIM_SQL, ClaimRequest};
 use clap::Args;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{PgPool, Row};
 
+use crate::fleet;
+
+/// `bizq bench`.
 #[derive(Args, Debug)]
-pub struct BenchArgs {}
+pub struct BenchArgs {
+    /// Tasks per end-to-end run.
+    #[arg(long, default_value_t = 100_000)]
+    tasks: i64,
+    /// Worker process counts for the end-to-end runs.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    workers: Vec<usize>,
+    /// Tasks inserted one by one for the pickup-latency figure.
+    #[arg(long, default_value_t = 300)]
+    latency_samples: usize,
+    /// Queued tasks behind the claimable ones in the "deep queue" claim run.
+    #[arg(long, default_value_t = 1_000_000)]
+    deep_queue: i64,
+    /// Tasks blocked on an unfinished dependency in the "blocked" claim run.
+    #[arg(long, default_value_t = 100_000)]
+    blocked: i64,
+    /// Claims measured per claim run.
+    #[arg(long, default_value_t = 20_000)]
+    claims: i64,
+    /// pgbench clients (each one claims and completes in a loop, like a worker).
+    #[arg(long, default_value_t = 4)]
+    pgbench_clients: usize,
+    /// Skip the pgbench comparison.
+    #[arg(long)]
+    no_pgbench: bool,
+    /// Print the pgbench script (the raw-SQL lifecycle) and exit.
+    #[arg(long)]
+    print_pgbench_script: bool,
+    /// Write the worker/scheduler logs here (default: discarded).
+    #[arg(long)]
+    logs: Option<std::path::PathBuf>,
+}
 
-pub async fn run(_url: &str, _args: BenchArgs) -> anyhow::Result<()> {
-    anyhow::bail!("not yet")
+const BENCH_CONFIG: &str = r#"
+[worker]
+concurrency = 1024
+claim_batch = 256
+complete_batch = 1000
+heartbeat_ms = 5000
+lease_seconds = 60
+poll_interval_ms = 200
+
+[scheduler]
+tick_ms = 50
+batch = 5000
+
+[providers.mock]
+enabled = true
+latency_ms = 0
+"#;
+
+/// Creates (or recreates) the bench database and returns a pool on it.
+async fn fresh_db(url: &str) -> anyhow::Result<(String, PgPool)> {
+    let base: PgConnectOptions = url.parse().context("parsing DATABASE_URL")?;
+    let admin = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(base.clone().database("postgres"))
+        .await?;
+    sqlx::query("DROP DATABASE IF EXISTS bizq_bench WITH (FORCE)")
+        .execute(&admin)
+        .await?;
+    sqlx::query("CREATE DATABASE bizq_bench")
+        .execute(&admin)
+        .await?;
+    admin.close().await;
+    let opts = base.database("bizq_bench");
+    let bench_url = with_database(url, "bizq_bench");
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .connect_with(opts)
+        .await?;
+    bizq::db::migrate(&pool).await?;
+    Ok((bench_url, pool))
+}
+
+/// `url` with its database name replaced (query parameters kept), for the child processes
+/// and pgbench.
+fn with_database(url: &str, db: &str) -> String {
+    let (main, query) = match url.split_once('?') {
+        Some((m, q)) => (m, Some(q)),
+        None => (url, None),
+    };
+    let scheme_end = main.find("://").map_or(0, |i| i + 3);
+    let base = match main[scheme_end..].find('/') {
+        Some(i) => &main[..scheme_end + i],
+        None => main,
+    };
+    match query {
+        Some(q) => format!("{base}/{db}?{q}"),
+        None => format!("{base}/{db}"),
+    }
+}
+
+/// Eight workspaces with plenty of credits; tasks are spread over them.
+async fn workspaces(pool: &PgPool) -> anyhow::Result<()> {
+    sqlx::query(
+        "INSERT INTO workspaces (name, slug, credits_balance, monthly_credit_limit)
+         SELECT 'bench ' || g, 'bench-' || g, 1000000000, 2000000000 FROM generate_series(1, 8) g",
+    )
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Inserts `n` `ai.generate` tasks with `status`, spread over the workspaces, in chunks.
+async fn insert_tasks(
+    pool: &PgPool,
+    n: i64,
+    status: &str,
+    deps_remaining: Option<i32>,
+) -> anyhow::Result<()> {
+    let mut done = 0;
+    while done < n {
+        let chunk = (n - done).min(50_000);
+        sqlx::query(
+            "INSERT INTO tasks (workspace_id, type, category, name, input, priority, status, deps_remaining)
+             SELECT w.ids[1 + g % 8], 'ai.generate', 'content', 'bench',
+                    jsonb_build_object('prompt', 'bench prompt ' || g), 1 + g % 10, $2, $3
+               FROM generate_series(1, $1) g,
+                    (SELECT array_agg(id ORDER BY slug) AS ids FROM workspaces) w",
+        )
+        .bind(chunk)
+        .bind(status.to_string())
+        .bind(deps_remaining)
+        .execute(pool)
+        .await?;
+        done += chunk;
+    }
+    Ok(())
+}
+
+async fn count(pool: &PgPool, status: &str) -> anyhow::Result<i64> {
+    Ok(
+        sqlx::query_scalar("SELECT count(*) FROM tasks WHERE status = $1")
+            .bind(status.to_string())
+            .fetch_one(pool)
+            .await?,
+    )
+}
+
+fn log_path(args: &BenchArgs, name: &str) -> Option<std::path::PathBuf> {
+    args.logs.as_ref().map(|d| d.join(format!("{name}.log")))
+}
+
+async fn end_to_end(
+    url: &str,
+    args: &BenchArgs,
+    config: &Path,
+    workers: usize,
+) -> anyhow::Result<f64> {
+    let (bench_url, pool) = fresh_db(url).await?;
+    workspaces(&pool).await?;
+    let mut members = vec![fleet::spawn(
+        "scheduler",
+        "scheduler",
+        &bench_url,
+        config,
+        &[],
+        log_path(args, "e2e-scheduler").as_deref(),
+    )?];
+    for i in 0..workers {
+        let name = format!("e2e-{workers}-worker-{i}");
+        members.push(fleet::spawn(
+            "worker",
+            &name,
+            &bench_url,
+            config,
+            &[],
+            log_path(args, &name).as_deref(),
+        )?);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await; // let the fleet connect and go idle
+    let started = Instant::now();
+    insert_tasks(&pool, args.tasks, "pending", None).await?;
+    let mut last_report = Instant::now();
+    loop {
+        let done = count(&pool, "completed").await?;
+        if done >= args.tasks {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(1800) {
+            fleet::stop(members).await;
+            bail!(
+                "end-to-end run with {workers} workers did not finish in 30 minutes ({done} done)"
+            );
+        }
+        if last_report.elapsed() > Duration::from_secs(5) {
+            eprintln!("  ... {done}/{} completed", args.tasks);
+            last_report = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    fleet::stop(members).await;
+    pool.close().await;
+    Ok(args.tasks as f64 / elapsed)
+}
+
+async fn pickup_latency(
+    url: &str,
+    args: &BenchArgs,
+    config: &Path,
+) -> anyhow::Result<(f64, f64, f64)> {
+    let (bench_url, pool) = fresh_db(url).await?;
+    workspaces(&pool).await?;
+    let members = vec![
+        fleet::spawn(
+            "scheduler",
+            "scheduler",
+            &bench_url,
+            config,
+            &[],
+            log_path(args, "latency-scheduler").as_deref(),
+        )?,
+        fleet::spawn(
+            "worker",
+            "worker",
+            &bench_url,
+            config,
+            &[],
+            log_path(args, "latency-worker").as_deref(),
+        )?,
+    ];
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let ws: uuid::Uuid = sqlx::query_scalar("SELECT id FROM workspaces ORDER BY slug LIMIT 1")
+        .fetch_one(&pool)
+        .await?;
+    for i in 0..args.latency_samples {
+        lifecycle::enqueue(
+            &pool,
+            &lifecycle::NewTask::generate(ws, &format!("latency {i}")),
+        )
+        .await?;
+        // An idle fleet: each task arrives alone.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while count(&pool, "completed").await? < args.latency_samples as i64
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    fleet::stop(members).await;
+    let row = sqlx::query(
+        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms::float8) AS p50,
+                percentile_cont(0.99) WITHIN GROUP (ORDER BY ms::float8) AS p99,
+                max(ms)::float8 AS max
+           FROM (SELECT EXTRACT(EPOCH FROM started_at - created_at) * 1000 AS ms
+                   FROM tasks WHERE started_at IS NOT NULL) s",
+    )
+    .fetch_one(&pool)
+    .await?;
+    let p50: Option<f64> = row.try_get("p50")?;
+    let p99: Option<f64> = row.try_get("p99")?;
+    let max: Option<f64> = row.try_get("max")?;
+    pool.close().await;
+    Ok((
+        p50.unwrap_or(f64::NAN),
+        p99.unwrap_or(f64::NAN),
+        max.unwrap_or(f64::NAN),
+    ))
+}
+
+/// Claims `args.claims` tasks, 100 at a time, from one client; returns claims per second.
+async fn claim_rate(pool: &PgPool, args: &BenchArgs) -> anyhow::Result<f64> {
+    let req = ClaimRequest {
+        worker_id: "bench",
+        limit: 100,
+        type_patterns: None,
+        lease: Duration::from_secs(600),
+    };
+    let started = Instant::now();
+    let mut claimed = 0i64;
+    while claimed < args.claims {
+        let got = lifecycle::claim(pool, &req).await?.len() as i64;
+        if got == 0 {
+            bail!("the queue ran dry after {claimed} claims");
+        }
+        claimed += got;
+    }
+    Ok(claimed as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn claim_throughput(url: &str, args: &BenchArgs) -> anyhow::Result<(f64, f64, f64)> {
+    // Baseline: only the tasks to be claimed are in the queue.
+    let (_, pool) = fresh_db(url).await?;
+    workspaces(&pool).await?;
+    insert_tasks(&pool, args.claims, "queued", Some(0)).await?;
+    sqlx::query("VACUUM ANALYZE tasks").execute(&pool).await?;
+    let empty = claim_rate(&pool, args).await?;
+    pool.close().await;
+
+    // A deep queue: a million queued tasks, the claimed ones among them (priority 1 first,
+    // so the claim takes from the front of the index as it would in production).
+    let (_, pool) = fresh_db(url).await?;
+    workspaces(&pool).await?;
+    eprintln!("  inserting {} queued tasks ...", args.deep_queue);
+    insert_tasks(&pool, args.deep_queue, "queued", Some(0)).await?;
+    sqlx::query("VACUUM ANALYZE tasks").execute(&pool).await?;
+    let deep = claim_rate(&pool, args).await?;
+    pool.close().await;
+
+    // Blocked work: tasks waiting on an unfinished dependency stay `pending`, outside the
+    // claim index, so they should cost the claim nothing.
+    let (_, pool) = fresh_db(url).await?;
+    workspaces(&pool).await?;
+    eprintln!("  inserting {} blocked tasks ...", args.blocked);
+    insert_tasks(&pool, 1, "processing", Some(0)).await?;
+    let parent: uuid::Uuid = sqlx::query_scalar("SELECT id FROM tasks")
+        .fetch_one(&pool)
+        .await?;
+    sqlx::query(
+        "INSERT INTO tasks (workspace_id, type, category, name, input, status, depends_on, deps_remaining)
+         SELECT workspace_id, 'ai.generate', 'content', 'blocked', '{\"prompt\": \"b\"}', 'pending', ARRAY[id], 1
+           FROM tasks, generate_series(1, $1)
+          WHERE id = $2",
+    )
+    .bind(args.blocked)
+    .bind(parent)
+    .execute(&pool)
+    .await?;
+    sqlx::query(
+        "INSERT INTO task_dependencies (task_id, depends_on_id)
+         SELECT id, $1 FROM tasks WHERE status = 'pending'",
+    )
+    .bind(parent)
+    .execute(&pool)
+    .await?;
+    insert_tasks(&pool, args.claims, "queued", Some(0)).await?;
+    sqlx::query("VACUUM ANALYZE tasks").execute(&pool).await?;
+    let blocked = claim_rate(&pool, args).await?;
+    pool.close().await;
+    Ok((empty, deep, blocked))
+}
+
+/// The engine's lifecycle as raw SQL in a pgbench script: admit a batch, claim with the
+/// engine's own statement, complete what was claimed (locks in the engine's order).
+fn pgbench_script(batch: i64) -> String {
+    let claim = CLAIM_SQL
+        .replace("$1", "'pgbench-' || :client_id")
+        .replace("$2", &batch.to_string())
+        .replace("$3::text[]", "NULL::text[]")
+        .replace("$4", "600000");
+    let one_line = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
+    format!(
+        "{admit};\n{claim};\nBEGIN;\n{lock_tasks};\n{lock_ws};\n{complete};\nCOMMIT;\n",
+        admit = one_line(&format!(
+            "WITH due AS (SELECT id FROM tasks WHERE status = 'pending' AND deps_remaining IS NULL
+               ORDER BY created_at LIMIT {batch} FOR UPDATE SKIP LOCKED)
+             UPDATE tasks t SET status = 'queued', deps_remaining = 0 FROM due WHERE t.id = due.id"
+        )),
+        claim = one_line(&claim),
+        lock_tasks = one_line(
+            "SELECT id FROM tasks WHERE status = 'processing' AND locked_by = 'pgbench-' || :client_id
+             ORDER BY id FOR UPDATE"
+        ),
+        lock_ws = one_line(
+            "SELECT id FROM workspaces WHERE id IN (SELECT workspace_id FROM tasks
+               WHERE status = 'processing' AND locked_by = 'pgbench-' || :client_id) ORDER BY id FOR UPDATE"
+        ),
+        complete = one_line(
+            "UPDATE tasks SET status = 'completed', output = '{\"text\": \"raw\"}', actual_cost = 1,
+               cost_breakdown = '{\"credits\": 1}', processing_time_ms = 0, ai_provider = 'mock',
+               ai_model = 'mock-1', completed_at = now(), lease_token = NULL, lease_expires_at = NULL
+             WHERE status = 'processing' AND locked_by = 'pgbench-' || :client_id"
+        ),
+    )
+}
+
+async fn raw_sql(url: &str, args: &BenchArgs, dir: &Path) -> anyhow::Result<f64> {
+    let (bench_url, pool) = fresh_db(url).await?;
+    workspaces(&pool).await?;
+    insert_tasks(&pool, args.tasks, "pending", None).await?;
+    let batch = 256i64;
+    let script = dir.join("lifecycle.sql");
+    std::fs::write(&script, pgbench_script(batch))?;
+    let clients = args.pgbench_clients;
+    // Enough transactions per client to drain the queue, with a margin for uneven sharing.
+    let per_client = (args.tasks / batch / clients as i64) + 20;
+    let started = Instant::now();
+    let out = tokio::process::Command::new("pgbench")
+        .arg("-n")
+        .arg("-f")
+        .arg(&script)
+        .arg("-c")
+        .arg(clients.to_string())
+        .arg("-j")
+        .arg(clients.to_string())
+        .arg("-t")
+        .arg(per_client.to_string())
+        .arg(&bench_url)
+        .output()
+        .await
+        .context("running pgbench (apt-get install postgresql-client)")?;
+    if !out.status.success() {
+        bail!("pgbench failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    // Stop the clock when the last task completed, not when the idle tail of pgbench ends.
+    let last: f64 = sqlx::query_scalar(
+        "SELECT EXTRACT(EPOCH FROM max(completed_at) - min(created_at))::float8 FROM tasks",
+    )
+    .fetch_one(&pool)
+    .await?;
+    let completed = count(&pool, "completed").await?;
+    let _ = started;
+    pool.close().await;
+    if completed < args.tasks {
+        bail!("pgbench completed only {completed} of {} tasks", args.tasks);
+    }
+    Ok(args.tasks as f64 / last)
+}
+
+pub async fn run(url: &str, args: BenchArgs) -> anyhow::Result<()> {
+    if args.print_pgbench_script {
+        print!("{}", pgbench_script(256));
+        return Ok(());
+    }
+    let dir = std::env::temp_dir().join(format!("bizq-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    if let Some(l) = &args.logs {
+        std::fs::create_dir_all(l)?;
+    }
+    let config = dir.join("bench.toml");
+    std::fs::write(&config, BENCH_CONFIG)?;
+    println!(
+        "bizq bench: {} tasks end to end, mock provider at 0 ms; one scheduler per run",
+        args.tasks
+    );
+
+    let mut e2e = Vec::new();
+    for &w in &args.workers {
+        eprintln!("end to end with {w} worker process(es) ...");
+        let rate = end_to_end(url, &args, &config, w).await?;
+        println!("end-to-end  workers={w}  {rate:>9.0} tasks/s");
+        e2e.push((w, rate));
+    }
+
+    eprintln!("pickup latency on an idle fleet ...");
+    let (p50, p99, max) = pickup_latency(url, &args, &config).await?;
+    println!(
+        "pickup latency (insert -> started_at), idle fleet, {} samples: p50 {p50:.1} ms  p99 {p99:.1} ms  max {max:.1} ms",
+        args.latency_samples
+    );
+
+    eprintln!("claim throughput ...");
+    let (empty, deep, blocked) = claim_throughput(url, &args).await?;
+    println!("claim statement, 1 client, 100 per claim:");
+    println!("  near-empty queue                   {empty:>9.0} claims/s");
+    println!(
+        "  {:>9} queued behind            {deep:>9.0} claims/s  ({:.2} of near-empty)",
+        args.deep_queue,
+        deep / empty
+    );
+    println!(
+        "  {:>9} blocked on a dependency  {blocked:>9.0} claims/s  ({:.2} of near-empty)",
+        args.blocked,
+        blocked / empty
+    );
+
+    if !args.no_pgbench {
+        eprintln!("raw SQL through pgbench ...");
+        let raw = raw_sql(url, &args, &dir).await?;
+        println!(
+            "raw SQL (pgbench, {} clients: admit + claim + complete)  {raw:>9.0} tasks/s",
+            args.pgbench_clients
+        );
+        for (w, rate) in &e2e {
+            println!("  engine with {w} worker(s) / raw SQL = {:.2}", rate / raw);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
 }

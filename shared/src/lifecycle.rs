@@ -547,20 +547,10 @@ pub struct ClaimRequest<'a> {
     pub lease: Duration,
 }
 
-/// **Claim** (worker): takes up to `limit` queued tasks by priority (1 first), then age, with
-/// `FOR UPDATE SKIP LOCKED`, in one statement that also checks each workspace's standing and
-/// reserves credits. Each task's reservation is its estimated cost (at least 1); tasks are
-/// granted in priority order while the running sum fits the workspace's balance and its
-/// monthly limit, both net of reservations already held. The workspace rows are locked
-/// (`FOR UPDATE`, no skip) so two workers reserving at once see each other's reservations:
-/// concurrent workers cannot overspend. Tasks that cannot be paid for go back to `pending`
-/// with `wait_reason` set, out of the claim index, until `unpark` sees funds again.
-///
-/// The tenancy work to come (fair share across workspaces, per-plan caps) fits into the
-/// `candidates` and `granted` steps without changing the statement's shape.
-pub async fn claim(pool: &PgPool, req: &ClaimRequest<'_>) -> Result<Vec<ClaimedTask>> {
-    let rows = sqlx::query(
-        "WITH candidates AS (
+/// The claim statement. Parameters: `$1` worker id, `$2` most tasks, `$3` type `LIKE`
+/// patterns (NULL for all), `$4` lease in milliseconds. Public so the benchmark can run the
+/// very same SQL through `pgbench`.
+pub const CLAIM_SQL: &str = "WITH candidates AS (
              SELECT id, workspace_id, priority, created_at,
                     GREATEST(COALESCE(estimated_cost, 0), 1) AS cost
                FROM tasks
@@ -626,14 +616,27 @@ pub async fn claim(pool: &PgPool, req: &ClaimRequest<'_>) -> Result<Vec<ClaimedT
            FROM granted g
           WHERE t.id = g.id
          RETURNING t.id, t.workspace_id, t.type, t.input, t.attempt, t.max_attempts,
-                   t.lease_token, t.ai_provider, t.ai_model",
-    )
-    .bind(req.worker_id.to_string())
-    .bind(req.limit)
-    .bind(req.type_patterns.map(|p| p.to_vec()))
-    .bind(req.lease.as_millis() as i64)
-    .fetch_all(pool)
-    .await?;
+                   t.lease_token, t.ai_provider, t.ai_model";
+
+/// **Claim** (worker): takes up to `limit` queued tasks by priority (1 first), then age, with
+/// `FOR UPDATE SKIP LOCKED`, in one statement that also checks each workspace's standing and
+/// reserves credits. Each task's reservation is its estimated cost (at least 1); tasks are
+/// granted in priority order while the running sum fits the workspace's balance and its
+/// monthly limit, both net of reservations already held. The workspace rows are locked
+/// (`FOR UPDATE`, no skip) so two workers reserving at once see each other's reservations:
+/// concurrent workers cannot overspend. Tasks that cannot be paid for go back to `pending`
+/// with `wait_reason` set, out of the claim index, until `unpark` sees funds again.
+///
+/// The tenancy work to come (fair share across workspaces, per-plan caps) fits into the
+/// `candidates` and `granted` steps without changing the statement's shape.
+pub async fn claim(pool: &PgPool, req: &ClaimRequest<'_>) -> Result<Vec<ClaimedTask>> {
+    let rows = sqlx::query(CLAIM_SQL)
+        .bind(req.worker_id.to_string())
+        .bind(req.limit)
+        .bind(req.type_patterns.map(|p| p.to_vec()))
+        .bind(req.lease.as_millis() as i64)
+        .fetch_all(pool)
+        .await?;
     rows.into_iter()
         .map(|r| {
             Ok(ClaimedTask {
