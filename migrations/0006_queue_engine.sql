@@ -186,7 +186,7 @@ BEGIN
                        AND c.status = 'pending'
                        AND c.deps_remaining > 0
                      ORDER BY c.id
-                       FOR UPDATE OF c)
+                       FOR NO KEY UPDATE OF c)
        AND t.status = 'pending'
        AND t.deps_remaining > 0;
     GET DIAGNOSTICS unblocked = ROW_COUNT;
@@ -210,7 +210,7 @@ BEGIN
                      WHERE d.depends_on_id = NEW.id
                        AND c.status IN ('pending', 'queued')
                      ORDER BY c.id
-                       FOR UPDATE OF c)
+                       FOR NO KEY UPDATE OF c)
        AND t.status IN ('pending', 'queued');
   END IF;
   RETURN NULL;

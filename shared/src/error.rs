@@ -11,12 +11,12 @@ pub enum Error {
     Config(String),
     #[error("task {0} not found")]
     TaskNotFound(uuid::Uuid),
-    #[error("task {id} is {status}; {action} needs it to be {expected}")]
+    #[error("task {id} is {status}; {action} needs it to be one of: {expected}")]
     WrongStatus {
         id: uuid::Uuid,
         status: String,
         action: &'static str,
-        expected: &'static str,
+        expected: String,
     },
     #[error("invalid task: {0}")]
     InvalidTask(String),

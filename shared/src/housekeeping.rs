@@ -103,7 +103,7 @@ pub async fn reset_monthly_credits(conn: &mut sqlx::PgConnection) -> Result<u64>
                FROM workspaces
               WHERE credits_month_start < bizq_month_start(timezone)
               ORDER BY id
-                FOR UPDATE
+                FOR NO KEY UPDATE
          )
          UPDATE workspaces w
             SET credits_used_this_month = 0,

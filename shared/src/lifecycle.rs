@@ -29,6 +29,9 @@
 //!   workspace rows in id order. The credit triggers lock workspace rows, so every statement
 //!   that fires them runs after [`lock_for_update`] took the workspace rows in order. Without
 //!   this, two workers completing tasks of two workspaces deadlock each other.
+//! - Row locks are `FOR NO KEY UPDATE`, never `FOR UPDATE`: inserting a task takes a
+//!   `KEY SHARE` lock on its workspace row (the foreign key check), which `FOR UPDATE` would
+//!   block, so a product's multi-workspace `INSERT` would deadlock with a claim.
 
 use std::time::Duration;
 
@@ -143,7 +146,7 @@ enum Verdict {
 /// dependencies each waits for. Tasks with none and due now go straight to `queued`; the
 /// others stay `pending`, out of every claim index, until `promote`.
 ///
-/// Rows are taken with `FOR UPDATE SKIP LOCKED`, so schedulers run side by side. Dependency
+/// Rows are taken with `FOR NO KEY UPDATE SKIP LOCKED`, so schedulers run side by side. Dependency
 /// rows are locked the same way (`SKIP LOCKED`); a task whose dependency is locked right now
 /// is deferred to the next pass, which rules out deadlocks between schedulers. Taking that
 /// lock before counting is what makes counting race-free against a dependency completing at
@@ -166,7 +169,7 @@ pub async fn admit(
             AND t.deps_remaining IS NULL
           ORDER BY t.created_at
           LIMIT $1
-            FOR UPDATE OF t SKIP LOCKED",
+            FOR NO KEY UPDATE OF t SKIP LOCKED",
     )
     .bind(batch)
     .fetch_all(&mut *tx)
@@ -216,7 +219,7 @@ pub async fn admit(
         let locked = sqlx::query(
             "UPDATE tasks t
                 SET has_dependents = TRUE
-              WHERE t.id IN (SELECT id FROM tasks WHERE id = ANY($1) FOR UPDATE SKIP LOCKED)
+              WHERE t.id IN (SELECT id FROM tasks WHERE id = ANY($1) FOR NO KEY UPDATE SKIP LOCKED)
              RETURNING t.id, t.status, t.workspace_id",
         )
         .bind(all_deps.clone())
@@ -439,7 +442,7 @@ pub async fn admit(
 /// Locks the given tasks (id order) and then their workspaces (id order) inside `tx`, so that
 /// the triggers fired by the caller's next statement never wait for a lock out of order.
 async fn lock_for_update(tx: &mut sqlx::PgConnection, task_ids: &[Uuid]) -> Result<()> {
-    sqlx::query("SELECT id FROM tasks WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+    sqlx::query("SELECT id FROM tasks WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
         .bind(task_ids.to_vec())
         .execute(&mut *tx)
         .await?;
@@ -448,7 +451,7 @@ async fn lock_for_update(tx: &mut sqlx::PgConnection, task_ids: &[Uuid]) -> Resu
            FROM workspaces
           WHERE id IN (SELECT workspace_id FROM tasks WHERE id = ANY($1))
           ORDER BY id
-            FOR UPDATE",
+            FOR NO KEY UPDATE",
     )
     .bind(task_ids.to_vec())
     .execute(&mut *tx)
@@ -465,7 +468,7 @@ async fn notify(conn: &mut sqlx::PgConnection, channel: &'static str) -> Result<
 }
 
 /// **Promote** (scheduler): admitted `pending` tasks that are due, whose dependencies all
-/// completed and that are not parked become `queued`. `FOR UPDATE SKIP LOCKED` lets several
+/// completed and that are not parked become `queued`. `FOR NO KEY UPDATE SKIP LOCKED` lets several
 /// schedulers promote side by side; the range scan on the due time stops at `now()`, so tasks
 /// scheduled for later cost nothing.
 pub async fn promote(pool: &PgPool, batch: i64) -> Result<u64> {
@@ -479,7 +482,7 @@ pub async fn promote(pool: &PgPool, batch: i64) -> Result<u64> {
                 AND COALESCE(scheduled_for, '-infinity'::timestamptz) <= now()
               ORDER BY COALESCE(scheduled_for, '-infinity'::timestamptz)
               LIMIT $1
-                FOR UPDATE SKIP LOCKED
+                FOR NO KEY UPDATE SKIP LOCKED
          ),
          promoted AS (
              UPDATE tasks t
@@ -558,7 +561,7 @@ pub const CLAIM_SQL: &str = "WITH candidates AS (
                 AND ($3::text[] IS NULL OR type LIKE ANY ($3::text[]))
               ORDER BY priority, created_at
               LIMIT $2
-                FOR UPDATE SKIP LOCKED
+                FOR NO KEY UPDATE SKIP LOCKED
          ),
          funds AS (
              SELECT w.id,
@@ -572,7 +575,7 @@ pub const CLAIM_SQL: &str = "WITH candidates AS (
                FROM workspaces w
               WHERE w.id IN (SELECT workspace_id FROM candidates)
               ORDER BY w.id
-                FOR UPDATE
+                FOR NO KEY UPDATE
          ),
          ranked AS (
              SELECT c.id, c.workspace_id, c.cost,
@@ -619,11 +622,11 @@ pub const CLAIM_SQL: &str = "WITH candidates AS (
                    t.lease_token, t.ai_provider, t.ai_model";
 
 /// **Claim** (worker): takes up to `limit` queued tasks by priority (1 first), then age, with
-/// `FOR UPDATE SKIP LOCKED`, in one statement that also checks each workspace's standing and
+/// `FOR NO KEY UPDATE SKIP LOCKED`, in one statement that also checks each workspace's standing and
 /// reserves credits. Each task's reservation is its estimated cost (at least 1); tasks are
 /// granted in priority order while the running sum fits the workspace's balance and its
 /// monthly limit, both net of reservations already held. The workspace rows are locked
-/// (`FOR UPDATE`, no skip) so two workers reserving at once see each other's reservations:
+/// (`FOR NO KEY UPDATE`, no skip) so two workers reserving at once see each other's reservations:
 /// concurrent workers cannot overspend. Tasks that cannot be paid for go back to `pending`
 /// with `wait_reason` set, out of the claim index, until `unpark` sees funds again.
 ///
@@ -673,7 +676,7 @@ pub async fn heartbeat(
               WHERE t.lease_token = l.token
                 AND t.status = 'processing'
               ORDER BY t.id
-                FOR UPDATE OF t
+                FOR NO KEY UPDATE OF t
          )
          UPDATE tasks t
             SET lease_expires_at = now() + $3::bigint * interval '1 millisecond'
@@ -880,7 +883,7 @@ pub async fn reclaim_expired(
             AND lease_expires_at < now()
           ORDER BY id
           LIMIT $1
-            FOR UPDATE SKIP LOCKED",
+            FOR NO KEY UPDATE SKIP LOCKED",
     )
     .bind(batch)
     .fetch_all(&mut *tx)
@@ -937,23 +940,13 @@ pub async fn reclaim_expired(
 /// Returns the status the task had.
 pub async fn cancel(pool: &PgPool, id: Uuid, reason: &str) -> Result<String> {
     let mut tx = pool.begin().await?;
-    let status: Option<String> =
-        sqlx::query_scalar("SELECT status FROM tasks WHERE id = $1 FOR UPDATE")
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await?;
-    let status = status.ok_or(Error::TaskNotFound(id))?;
-    if !matches!(
-        status.as_str(),
-        "pending" | "queued" | "processing" | "escalated"
-    ) {
-        return Err(Error::WrongStatus {
-            id,
-            status,
-            action: "cancel",
-            expected: "pending, queued, processing or escalated",
-        });
-    }
+    let status = lock_status(
+        &mut tx,
+        id,
+        "cancel",
+        &["pending", "queued", "processing", "escalated"],
+    )
+    .await?;
     sqlx::query(
         "UPDATE tasks
             SET status = 'cancelled',
@@ -984,24 +977,36 @@ pub async fn cancel(pool: &PgPool, id: Uuid, reason: &str) -> Result<String> {
     Ok(status)
 }
 
-/// **Retry** (admin): a failed, cancelled or escalated task starts over as `pending` with
-/// fresh attempts; the scheduler admits it again (dependencies are re-checked).
-pub async fn retry(pool: &PgPool, id: Uuid) -> Result<String> {
-    let mut tx = pool.begin().await?;
+/// Locks one task for an admin action and returns its status, or says why the action does
+/// not apply to it.
+async fn lock_status(
+    tx: &mut sqlx::PgConnection,
+    id: Uuid,
+    action: &'static str,
+    allowed: &'static [&'static str],
+) -> Result<String> {
     let status: Option<String> =
-        sqlx::query_scalar("SELECT status FROM tasks WHERE id = $1 FOR UPDATE")
+        sqlx::query_scalar("SELECT status FROM tasks WHERE id = $1 FOR NO KEY UPDATE")
             .bind(id)
             .fetch_optional(&mut *tx)
             .await?;
     let status = status.ok_or(Error::TaskNotFound(id))?;
-    if !matches!(status.as_str(), "failed" | "cancelled" | "escalated") {
+    if !allowed.contains(&status.as_str()) {
         return Err(Error::WrongStatus {
             id,
             status,
-            action: "retry",
-            expected: "failed, cancelled or escalated",
+            action,
+            expected: allowed.join(", "),
         });
     }
+    Ok(status)
+}
+
+/// **Retry** (admin): a failed, cancelled or escalated task starts over as `pending` with
+/// fresh attempts; the scheduler admits it again (dependencies are re-checked).
+pub async fn retry(pool: &PgPool, id: Uuid) -> Result<String> {
+    let mut tx = pool.begin().await?;
+    let status = lock_status(&mut tx, id, "retry", &["failed", "cancelled", "escalated"]).await?;
     sqlx::query(
         "UPDATE tasks
             SET status = 'pending',

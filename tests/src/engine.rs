@@ -64,6 +64,26 @@ pub async fn error_code(pool: &PgPool, id: Uuid) -> anyhow::Result<Option<String
     )
 }
 
+/// Asserts a task's status and `error_details.code`, naming the task in the failure.
+pub async fn assert_state(
+    pool: &PgPool,
+    id: Uuid,
+    expected_status: &str,
+    expected_code: Option<&str>,
+) -> anyhow::Result<()> {
+    let (status, code): (String, Option<String>) =
+        sqlx::query_as("SELECT status, error_details ->> 'code' FROM tasks WHERE id = $1")
+            .bind(id)
+            .fetch_one(pool)
+            .await?;
+    assert_eq!(
+        (status.as_str(), code.as_deref()),
+        (expected_status, expected_code),
+        "task {id}: status and error code"
+    );
+    Ok(())
+}
+
 /// Polls `sql` (a query returning one boolean) until true, or fails after `timeout`.
 pub async fn wait_for(pool: &PgPool, sql: &'static str, timeout: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;

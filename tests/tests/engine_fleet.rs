@@ -64,10 +64,11 @@ async fn two_schedulers_and_four_workers_complete_2000_tasks_exactly_once(
     for _ in 0..4 {
         workspaces.push(workspace(&pool, 1_000_000).await?);
     }
-    // 2,000 tasks: priorities 1..10, 4 in every 50 wait for the workspace's previous task, 5% of the
-    // provider calls fail transiently, so retries are in the mix.
+    // 2,000 tasks: priorities 1..10, 5% of the provider calls fail transiently so retries are
+    // in the mix. The first 1,000 one by one, 4 in every 50 waiting for the workspace's
+    // previous task ...
     let mut last_in_workspace: Vec<Option<Uuid>> = vec![None; 4];
-    for i in 0..2000usize {
+    for i in 0..1000usize {
         let w = i % 4;
         let deps: Vec<Uuid> = if i % 50 >= 46 {
             last_in_workspace[w].into_iter().collect()
@@ -100,6 +101,21 @@ async fn two_schedulers_and_four_workers_complete_2000_tasks_exactly_once(
             &config,
             &["--id", &format!("fleet-worker-{i}")],
         )?);
+    }
+    // ... and 1,000 more while the fleet runs, as product code would: multi-row INSERTs that
+    // span all four workspaces (their foreign-key checks lock the workspace rows that claims
+    // and completions lock too).
+    for chunk in 0..10 {
+        sqlx::query(
+            "INSERT INTO tasks (workspace_id, type, category, name, input, priority)
+             SELECT ($1::uuid[])[1 + g % 4], 'ai.generate', 'content', 'bulk',
+                    jsonb_build_object('prompt', 'bulk ' || g), 1 + g % 10
+               FROM generate_series($2::int, $2::int + 99) g",
+        )
+        .bind(workspaces.clone())
+        .bind(chunk * 100)
+        .execute(&pool)
+        .await?;
     }
     let waited = wait_for(
         &pool,

@@ -184,11 +184,7 @@ async fn expired_lease_is_reclaimed_and_the_late_worker_is_fenced(
         .await?;
     let r = lifecycle::reclaim_expired(&pool, 100, &[], 3).await?;
     assert_eq!((r.requeued, r.failed), (1, 0));
-    assert_eq!(status(&pool, id).await?, "queued");
-    assert_eq!(
-        error_code(&pool, id).await?.as_deref(),
-        Some("lease_expired")
-    );
+    assert_state(&pool, id, "queued", Some("lease_expired")).await?;
     // The first worker's heartbeat says it lost the lease.
     assert!(
         lifecycle::heartbeat(&pool, &[(id, first.lease_token)], Duration::from_secs(30))
@@ -441,11 +437,7 @@ async fn escalate_policy_escalates_dependents_instead(pool: PgPool) -> anyhow::R
     )
     .await?;
     fleet.shutdown().await?;
-    assert_eq!(status(&pool, child).await?, "escalated");
-    assert_eq!(
-        error_code(&pool, child).await?.as_deref(),
-        Some("dependency_failed")
-    );
+    assert_state(&pool, child, "escalated", Some("dependency_failed")).await?;
     Ok(())
 }
 
@@ -472,22 +464,10 @@ async fn cycles_and_missing_dependencies_are_rejected(pool: PgPool) -> anyhow::R
     let foreign = generate(&pool, ws, "foreign", 5, &[foreign_parent]).await?;
     admit(&pool).await?;
     admit(&pool).await?;
-    assert_eq!(status(&pool, a).await?, "failed");
-    assert_eq!(
-        error_code(&pool, a).await?.as_deref(),
-        Some("dependency_cycle")
-    );
+    assert_state(&pool, a, "failed", Some("dependency_cycle")).await?;
     assert_eq!(status(&pool, b).await?, "failed");
-    assert_eq!(status(&pool, own).await?, "failed");
-    assert_eq!(
-        error_code(&pool, own).await?.as_deref(),
-        Some("dependency_cycle")
-    );
-    assert_eq!(status(&pool, missing).await?, "failed");
-    assert_eq!(
-        error_code(&pool, missing).await?.as_deref(),
-        Some("missing_dependency")
-    );
+    assert_state(&pool, own, "failed", Some("dependency_cycle")).await?;
+    assert_state(&pool, missing, "failed", Some("missing_dependency")).await?;
     assert_eq!(
         status(&pool, foreign).await?,
         "failed",
@@ -529,11 +509,7 @@ async fn bad_tasks_fail_clearly_and_disturb_nothing(pool: PgPool) -> anyhow::Res
     .await?;
     fleet.shutdown().await?;
     assert_eq!(status(&pool, good).await?, "completed");
-    assert_eq!(status(&pool, unknown).await?, "failed");
-    assert_eq!(
-        error_code(&pool, unknown).await?.as_deref(),
-        Some("unknown_task_type")
-    );
+    assert_state(&pool, unknown, "failed", Some("unknown_task_type")).await?;
     assert_eq!(status(&pool, bad).await?, "failed");
     assert_eq!(error_code(&pool, bad).await?.as_deref(), Some("bad_input"));
     let msg: String =
@@ -559,16 +535,8 @@ async fn human_and_expensive_tasks_are_escalated(pool: PgPool) -> anyhow::Result
     fine.estimated_cost = Some(10);
     let fine = lifecycle::enqueue(&pool, &fine).await?;
     admit(&pool).await?;
-    assert_eq!(status(&pool, human).await?, "escalated");
-    assert_eq!(
-        error_code(&pool, human).await?.as_deref(),
-        Some("human_task")
-    );
-    assert_eq!(status(&pool, pricey).await?, "escalated");
-    assert_eq!(
-        error_code(&pool, pricey).await?.as_deref(),
-        Some("over_max_task_cost")
-    );
+    assert_state(&pool, human, "escalated", Some("human_task")).await?;
+    assert_state(&pool, pricey, "escalated", Some("over_max_task_cost")).await?;
     assert_eq!(status(&pool, fine).await?, "queued");
     Ok(())
 }
