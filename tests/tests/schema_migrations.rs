@@ -5,14 +5,19 @@ use std::collections::BTreeSet;
 use bizq_tests::schema_support::{TABLES, create_tenant, migrations_dir, seed_rows};
 use sqlx::{AssertSqlSafe, PgPool};
 
-/// The schema migrations (0006+ belong to the queue engine and are not re-run here).
-const SCHEMA_MIGRATIONS: [&str; 5] = [
-    "0001_schema.sql",
-    "0002_rls.sql",
-    "0003_indexes.sql",
-    "0004_functions_triggers.sql",
-    "0005_views.sql",
-];
+/// Every migration file, in the order sqlx applies them, so a new one is covered as well.
+fn migration_files() -> anyhow::Result<Vec<std::path::PathBuf>> {
+    let mut files: Vec<_> = std::fs::read_dir(migrations_dir())?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "sql"))
+        .collect();
+    files.sort();
+    anyhow::ensure!(
+        files.len() >= 6,
+        "expected the six migrations, found {files:?}"
+    );
+    Ok(files)
+}
 
 async fn names(pool: &PgPool, sql: &'static str) -> anyhow::Result<BTreeSet<String>> {
     Ok(sqlx::query_scalar(sql)
@@ -216,8 +221,8 @@ async fn rerunning_every_schema_migration_changes_nothing(pool: PgPool) -> anyho
         before.len()
     );
 
-    for name in SCHEMA_MIGRATIONS {
-        let path = migrations_dir().join(name);
+    for path in migration_files()? {
+        let name = path.display();
         let sql = std::fs::read_to_string(&path)?;
         sqlx::raw_sql(AssertSqlSafe(sql))
             .execute(&pool)
