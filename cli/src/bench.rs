@@ -46,9 +46,13 @@ pub struct BenchArgs {
     /// pgbench clients (each one claims and completes in a loop, like a worker).
     #[arg(long, default_value_t = 4)]
     pgbench_clients: usize,
-    /// Skip the pgbench comparison.
-    #[arg(long)]
-    no_pgbench: bool,
+    /// Scenarios to run, comma separated: e2e, latency, claim, pgbench.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "e2e,latency,claim,pgbench"
+    )]
+    only: Vec<String>,
     /// Print the pgbench script (the raw-SQL lifecycle) and exit.
     #[arg(long)]
     print_pgbench_script: bool,
@@ -471,37 +475,42 @@ pub async fn run(url: &str, args: BenchArgs) -> anyhow::Result<()> {
         args.tasks
     );
 
+    let run = |name: &str| args.only.iter().any(|o| o == name);
     let mut e2e = Vec::new();
-    for &w in &args.workers {
+    for &w in args.workers.iter().filter(|_| run("e2e")) {
         eprintln!("end to end with {w} worker process(es) ...");
         let rate = end_to_end(url, &args, &config, w).await?;
         println!("end-to-end  workers={w}  {rate:>9.0} tasks/s");
         e2e.push((w, rate));
     }
 
-    eprintln!("pickup latency on an idle fleet ...");
-    let (p50, p99, max) = pickup_latency(url, &args, &config).await?;
-    println!(
-        "pickup latency (insert -> started_at), idle fleet, {} samples: p50 {p50:.1} ms  p99 {p99:.1} ms  max {max:.1} ms",
-        args.latency_samples
-    );
+    if run("latency") {
+        eprintln!("pickup latency on an idle fleet ...");
+        let (p50, p99, max) = pickup_latency(url, &args, &config).await?;
+        println!(
+            "pickup latency (insert -> started_at), idle fleet, {} samples: p50 {p50:.1} ms  p99 {p99:.1} ms  max {max:.1} ms",
+            args.latency_samples
+        );
+    }
 
-    eprintln!("claim throughput ...");
-    let (empty, deep, blocked) = claim_throughput(url, &args).await?;
-    println!("claim statement, 1 client, 100 per claim:");
-    println!("  near-empty queue                   {empty:>9.0} claims/s");
-    println!(
-        "  {:>9} queued behind            {deep:>9.0} claims/s  ({:.2} of near-empty)",
-        args.deep_queue,
-        deep / empty
-    );
-    println!(
-        "  {:>9} blocked on a dependency  {blocked:>9.0} claims/s  ({:.2} of near-empty)",
-        args.blocked,
-        blocked / empty
-    );
+    if run("claim") {
+        eprintln!("claim throughput ...");
+        let (empty, deep, blocked) = claim_throughput(url, &args).await?;
+        println!("claim statement, 1 client, 100 per claim, median of 5 rounds:");
+        println!("  near-empty queue                   {empty:>9.0} claims/s");
+        println!(
+            "  {:>9} queued behind            {deep:>9.0} claims/s  ({:.2} of near-empty)",
+            args.deep_queue,
+            deep / empty
+        );
+        println!(
+            "  {:>9} blocked on a dependency  {blocked:>9.0} claims/s  ({:.2} of near-empty)",
+            args.blocked,
+            blocked / empty
+        );
+    }
 
-    if !args.no_pgbench {
+    if run("pgbench") {
         eprintln!("raw SQL through pgbench ...");
         let raw = raw_sql(url, &args, &dir).await?;
         println!(

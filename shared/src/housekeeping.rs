@@ -17,7 +17,7 @@ pub struct HousekeepingReport {
 }
 
 /// Key of the advisory lock that makes housekeeping single-flight across schedulers.
-const LOCK_KEY: i64 = 0x6269_7a71_686b; // "bizqhk"
+pub const LOCK_KEY: i64 = 0x6269_7a71_686b; // "bizqhk"
 
 /// Runs housekeeping unless another scheduler is already doing it (then `Ok(None)`).
 pub async fn run(pool: &PgPool, config: &SchedulerConfig) -> Result<Option<HousekeepingReport>> {
