@@ -550,6 +550,7 @@ async fn cancel_pending_queued_and_running_tasks(pool: PgPool) -> anyhow::Result
     let ws = workspace(&pool, 100).await?;
     let running = generate(&pool, ws, "slow", 1, &[]).await?;
     let queued = generate(&pool, ws, "waiting", 9, &[]).await?;
+    let next = generate(&pool, ws, "next", 5, &[]).await?;
     let mut later = NewTask::generate(ws, "later");
     later.scheduled_for = Some(chrono::Utc::now() + chrono::Duration::hours(1));
     let pending = lifecycle::enqueue(&pool, &later).await?;
@@ -574,16 +575,24 @@ async fn cancel_pending_queued_and_running_tasks(pool: PgPool) -> anyhow::Result
         lifecycle::cancel(&pool, running, "again").await.is_err(),
         "a cancelled task cannot be cancelled again"
     );
-    let stats = fleet.shutdown().await?;
-    // The worker aborted the 20 s provider call: shutdown did not have to wait for it.
+    // The worker aborted the 20 s provider call at once: its only slot took the next task
+    // well within two seconds.
+    wait_for(
+        &pool,
+        "SELECT status = 'processing' FROM tasks WHERE input ->> 'prompt' = 'next'",
+        Duration::from_secs(2),
+    )
+    .await?;
     assert!(
-        started.elapsed() < Duration::from_secs(5),
+        started.elapsed() < Duration::from_secs(2),
         "took {:?}",
         started.elapsed()
     );
-    assert_eq!(stats[0].aborted, 1, "{stats:?}");
+    assert_eq!(lifecycle::cancel(&pool, next, "test").await?, "processing");
+    let stats = fleet.shutdown().await?;
+    assert_eq!(stats[0].aborted, 2, "{stats:?}");
     assert_eq!(stats[0].completed, 0, "{stats:?}");
-    for id in [running, queued, pending] {
+    for id in [running, queued, pending, next] {
         assert_eq!(status(&pool, id).await?, "cancelled");
     }
     let (balance, reserved): (i32, i32) =
