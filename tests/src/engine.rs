@@ -48,6 +48,28 @@ pub async fn generate(
     Ok(lifecycle::enqueue(pool, &t).await?)
 }
 
+/// A workspace's credit figures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Credits {
+    pub balance: i32,
+    pub reserved: i32,
+    pub used: i32,
+}
+
+pub async fn credits(pool: &PgPool, ws: Uuid) -> anyhow::Result<Credits> {
+    let (balance, reserved, used): (i32, i32, i32) = sqlx::query_as(
+        "SELECT credits_balance, credits_reserved, credits_used_this_month FROM workspaces WHERE id = $1",
+    )
+    .bind(ws)
+    .fetch_one(pool)
+    .await?;
+    Ok(Credits {
+        balance,
+        reserved,
+        used,
+    })
+}
+
 pub async fn status(pool: &PgPool, id: Uuid) -> anyhow::Result<String> {
     Ok(sqlx::query_scalar("SELECT status FROM tasks WHERE id = $1")
         .bind(id)

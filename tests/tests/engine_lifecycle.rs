@@ -118,10 +118,7 @@ async fn completion_writes_everything_and_charges_once(pool: PgPool) -> anyhow::
     let id = generate(&pool, ws, "hello world", 5, &[]).await?;
     admit(&pool).await?;
     let c = lifecycle::claim(&pool, &claim_req(1)).await?.remove(0);
-    let reserved: i32 = sqlx::query_scalar("SELECT credits_reserved FROM workspaces WHERE id = $1")
-        .bind(ws)
-        .fetch_one(&pool)
-        .await?;
+    let reserved = credits(&pool, ws).await?.reserved;
     assert_eq!(
         reserved, 1,
         "the claim reserves the estimated cost (at least 1)"
@@ -160,12 +157,11 @@ async fn completion_writes_everything_and_charges_once(pool: PgPool) -> anyhow::
         ("mock", "mock-1", true)
     );
     assert_eq!(row.6["text"], "hi");
-    let (balance, used, reserved): (i32, i32, i32) = sqlx::query_as(
-        "SELECT credits_balance, credits_used_this_month, credits_reserved FROM workspaces WHERE id = $1",
-    )
-    .bind(ws)
-    .fetch_one(&pool)
-    .await?;
+    let Credits {
+        balance,
+        used,
+        reserved,
+    } = credits(&pool, ws).await?;
     assert_eq!((balance, used, reserved), (96, 4, 0));
     Ok(())
 }
@@ -213,10 +209,7 @@ async fn expired_lease_is_reclaimed_and_the_late_worker_is_fenced(
         lifecycle::finish_batch(&pool, &[result(second.lease_token)], &[]).await?,
         vec![id]
     );
-    let balance: i32 = sqlx::query_scalar("SELECT credits_balance FROM workspaces WHERE id = $1")
-        .bind(ws)
-        .fetch_one(&pool)
-        .await?;
+    let balance = credits(&pool, ws).await?.balance;
     assert_eq!(balance, 95, "charged exactly once");
     Ok(())
 }
@@ -236,10 +229,7 @@ async fn reclaim_fails_a_task_on_its_last_attempt(pool: PgPool) -> anyhow::Resul
     let r = lifecycle::reclaim_expired(&pool, 100, &[], 3).await?;
     assert_eq!((r.requeued, r.failed), (0, 1));
     assert_eq!(status(&pool, id).await?, "failed");
-    let reserved: i32 = sqlx::query_scalar("SELECT credits_reserved FROM workspaces WHERE id = $1")
-        .bind(ws)
-        .fetch_one(&pool)
-        .await?;
+    let reserved = credits(&pool, ws).await?.reserved;
     assert_eq!(reserved, 0, "the reservation is released");
     Ok(())
 }
@@ -291,11 +281,9 @@ async fn transient_errors_retry_with_backoff_then_fail_with_details(
         "{details}"
     );
     assert!(details["body_excerpt"].as_str().is_some());
-    let (balance, reserved): (i32, i32) =
-        sqlx::query_as("SELECT credits_balance, credits_reserved FROM workspaces WHERE id = $1")
-            .bind(ws)
-            .fetch_one(&pool)
-            .await?;
+    let Credits {
+        balance, reserved, ..
+    } = credits(&pool, ws).await?;
     assert_eq!((balance, reserved), (100, 0), "a failed task costs nothing");
     Ok(())
 }
@@ -595,11 +583,9 @@ async fn cancel_pending_queued_and_running_tasks(pool: PgPool) -> anyhow::Result
     for id in [running, queued, pending, next] {
         assert_eq!(status(&pool, id).await?, "cancelled");
     }
-    let (balance, reserved): (i32, i32) =
-        sqlx::query_as("SELECT credits_balance, credits_reserved FROM workspaces WHERE id = $1")
-            .bind(ws)
-            .fetch_one(&pool)
-            .await?;
+    let Credits {
+        balance, reserved, ..
+    } = credits(&pool, ws).await?;
     assert_eq!(
         (balance, reserved),
         (100, 0),
@@ -645,10 +631,7 @@ async fn a_workspace_out_of_credits_waits_and_resumes_when_topped_up(
     )
     .await?;
     fleet.shutdown().await?;
-    let balance: i32 = sqlx::query_scalar("SELECT credits_balance FROM workspaces WHERE id = $1")
-        .bind(ws)
-        .fetch_one(&pool)
-        .await?;
+    let balance = credits(&pool, ws).await?.balance;
     assert_eq!(balance, 97);
     Ok(())
 }
@@ -706,10 +689,7 @@ async fn concurrent_claims_never_overspend(pool: PgPool) -> anyhow::Result<()> {
         total += h.await??;
     }
     assert_eq!(total, 10, "exactly the 10 credits' worth were claimed");
-    let reserved: i32 = sqlx::query_scalar("SELECT credits_reserved FROM workspaces WHERE id = $1")
-        .bind(ws)
-        .fetch_one(&pool)
-        .await?;
+    let reserved = credits(&pool, ws).await?.reserved;
     assert_eq!(reserved, 10);
     Ok(())
 }
@@ -745,10 +725,7 @@ async fn shutdown_releases_unfinished_tasks_without_counting_the_attempt(
             .all(|r| r.0 == "queued" && r.1 == 0 && r.2.is_none()),
         "{rows:?}"
     );
-    let reserved: i32 = sqlx::query_scalar("SELECT credits_reserved FROM workspaces WHERE id = $1")
-        .bind(ws)
-        .fetch_one(&pool)
-        .await?;
+    let reserved = credits(&pool, ws).await?.reserved;
     assert_eq!(reserved, 0);
     Ok(())
 }
