@@ -36,7 +36,8 @@ find_bindir() {
 # Run a PostgreSQL server binary as the cluster's owner.
 as_owner() {
   if [ "$(id -u)" = 0 ]; then
-    runuser -u postgres -- "$@"
+    # From /, so a checkout the postgres user cannot enter (e.g. under /root) is no bother.
+    (cd / && runuser -u postgres -- "$@")
   else
     "$@"
   fi
