@@ -276,9 +276,21 @@ impl Worker {
             let max_attempts = task
                 .max_attempts
                 .unwrap_or_else(|| config.worker.max_attempts_for(&task.task_type));
+            // Flatten catch_unwind(timeout(run)) into the handler's own Result.
+            let result = result.map(|r| match r {
+                Ok(Ok(outcome)) => outcome,
+                Ok(Err(_elapsed)) => Err(handlers::TaskError::transient(
+                    "timeout",
+                    format!("the handler did not finish within {} s", timeout.as_secs()),
+                )),
+                Err(_panic) => Err(handlers::TaskError::permanent(
+                    "handler_panicked",
+                    "the handler panicked; see the worker's log",
+                )),
+            });
             let attempt = match result {
                 None => Attempt::Aborted(task.id),
-                Some(Ok(Ok(Ok(out)))) => Attempt::Completed(Completion {
+                Some(Ok(out)) => Attempt::Completed(Completion {
                     id: task.id,
                     lease_token: task.lease_token,
                     output: out.output,
@@ -288,19 +300,7 @@ impl Worker {
                     ai_provider: out.provider,
                     ai_model: out.model,
                 }),
-                Some(other) => {
-                    let error = match other {
-                        Ok(Ok(Err(e))) => e,
-                        Ok(Err(_elapsed)) => handlers::TaskError::transient(
-                            "timeout",
-                            format!("the handler did not finish within {} s", timeout.as_secs()),
-                        ),
-                        Err(_panic) => handlers::TaskError::permanent(
-                            "handler_panicked",
-                            "the handler panicked; see the worker's log",
-                        ),
-                        Ok(Ok(Ok(_))) => unreachable_outcome(),
-                    };
+                Some(Err(error)) => {
                     let retry_in = (error.kind == ErrorKind::Transient
                         && task.attempt < max_attempts)
                         .then(|| retry::delay(&config.retry, task.attempt, error.retry_after));
@@ -340,11 +340,6 @@ impl Worker {
             });
         });
     }
-}
-
-/// `catch_unwind(timeout(run))` has three layers; the success case is matched first.
-fn unreachable_outcome() -> handlers::TaskError {
-    handlers::TaskError::permanent("internal", "unexpected handler outcome")
 }
 
 fn running_count(running: &RunningMap) -> usize {

@@ -776,3 +776,29 @@ async fn admin_retry_starts_a_failed_task_over(pool: PgPool) -> anyhow::Result<(
     assert!(e.to_string().contains("is completed"), "{e}");
     Ok(())
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_handler_over_its_timeout_fails_the_attempt(pool: PgPool) -> anyhow::Result<()> {
+    let config = config_with(&[
+        ("providers.mock.latency_ms", "5000"),
+        ("worker.task_timeout_seconds", "1"),
+    ]);
+    let ws = workspace(&pool, 100).await?;
+    let mut t = NewTask::generate(ws, "slow");
+    t.max_attempts = Some(1);
+    let id = lifecycle::enqueue(&pool, &t).await?;
+    let engine = engine_pool(&pool, &config).await?;
+    let fleet = InProcessFleet::start(&engine, &config, 1, 1);
+    wait_for(&pool, "SELECT status = 'failed' FROM tasks", T).await?;
+    fleet.shutdown().await?;
+    assert_state(&pool, id, "failed", Some("timeout")).await?;
+    let ms: i32 = sqlx::query_scalar("SELECT processing_time_ms FROM tasks WHERE id = $1")
+        .bind(id)
+        .fetch_one(&pool)
+        .await?;
+    assert!(
+        (1000..3000).contains(&ms),
+        "stopped at the 1 s timeout, not the 5 s call: {ms} ms"
+    );
+    Ok(())
+}
