@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use sqlx::postgres::PgConnection;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Executor, PgPool};
 
@@ -52,6 +53,34 @@ pub async fn connect(url: &str, settings: &PoolSettings) -> Result<PgPool> {
     let options: PgConnectOptions = url
         .parse::<PgConnectOptions>()?
         .application_name(&settings.application_name);
+    // One plain connection first, so a wrong URL or a server that is down is reported with
+    // the real cause (refused, unknown database, bad password), not as a pool timeout.
+    // The message names host, port and database, never the password.
+    let target = format!(
+        "{}:{}/{}",
+        options.get_host(),
+        options.get_port(),
+        options.get_database().unwrap_or("(default)")
+    );
+    let probe = tokio::time::timeout(
+        Duration::from_secs(10),
+        <PgConnection as sqlx::Connection>::connect_with(&options),
+    );
+    match probe.await {
+        Ok(Ok(conn)) => {
+            let _ = sqlx::Connection::close(conn).await;
+        }
+        Ok(Err(e)) => {
+            return Err(crate::Error::Connect(format!(
+                "cannot connect to PostgreSQL at {target}: {e}"
+            )));
+        }
+        Err(_) => {
+            return Err(crate::Error::Connect(format!(
+                "cannot connect to PostgreSQL at {target}: no answer within 10 s"
+            )));
+        }
+    }
     let policy = settings.dependency_failure.as_str();
     let pool = PgPoolOptions::new()
         .max_connections(settings.max_connections)

@@ -9,6 +9,9 @@ pub enum Error {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("configuration error: {0}")]
     Config(String),
+    /// The first connection failed; the message names host, port and database, not secrets.
+    #[error("{0}")]
+    Connect(String),
     #[error("task {0} not found")]
     TaskNotFound(uuid::Uuid),
     #[error("task {id} is {status}; {action} needs it to be one of: {expected}")]

@@ -802,3 +802,31 @@ async fn a_handler_over_its_timeout_fails_the_attempt(pool: PgPool) -> anyhow::R
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_wrong_database_url_fails_fast_with_the_cause_and_no_password() -> anyhow::Result<()> {
+    let settings = bizq::db::PoolSettings {
+        application_name: "test".into(),
+        max_connections: 1,
+        dependency_failure: Default::default(),
+    };
+    let started = std::time::Instant::now();
+    let err = bizq::db::connect(
+        "postgres://someone:topsecret@127.0.0.1:1/nowhere",
+        &settings,
+    )
+    .await
+    .expect_err("nothing listens on port 1");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("127.0.0.1:1/nowhere") && msg.contains("refused"),
+        "{msg}"
+    );
+    assert!(!msg.contains("topsecret"), "{msg}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    Ok(())
+}
