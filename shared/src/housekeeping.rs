@@ -131,15 +131,18 @@ async fn rebuild_bloated_queue_indexes(conn: &mut sqlx::PgConnection) -> Result<
     .fetch_all(&mut *conn)
     .await?;
     let mut rebuilt = Vec::new();
+    if rows.is_empty() {
+        return Ok(rebuilt);
+    }
+    let live: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM tasks
+          WHERE status IN ('pending', 'queued', 'processing')",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
     for r in rows {
         let name: String = r.try_get("name")?;
         let bytes: i64 = r.try_get("bytes")?;
-        let live: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM tasks
-              WHERE status IN ('pending', 'queued', 'processing')",
-        )
-        .fetch_one(&mut *conn)
-        .await?;
         if bytes > 20 * (live * 64 + 1024 * 1024) {
             // The name comes from the fixed list above, never from input.
             let sql = format!("REINDEX INDEX CONCURRENTLY {name}");

@@ -9,7 +9,8 @@
 //! - [`worker`]: claims tasks, runs handlers, heartbeats leases, writes results in batches.
 //! - [`handlers`]: what each task type does and what input it needs.
 //! - [`providers`]: the AI providers behind the handlers (a built-in `mock` for now).
-//! - [`retry`]: how long a failed attempt waits before the next one.
+//! - [`retry`]: how long a failed attempt (or a failed database call) waits before the next.
+//! - [`listen`]: LISTEN/NOTIFY wake-ups that reconnect on their own.
 //! - [`config`]: the settings every binary reads.
 
 pub mod config;
@@ -18,6 +19,7 @@ pub mod error;
 pub mod handlers;
 pub mod housekeeping;
 pub mod lifecycle;
+pub mod listen;
 pub mod providers;
 pub mod retry;
 pub mod scheduler;

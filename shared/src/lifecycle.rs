@@ -446,6 +446,11 @@ async fn lock_for_update(tx: &mut sqlx::PgConnection, task_ids: &[Uuid]) -> Resu
         .bind(task_ids.to_vec())
         .execute(&mut *tx)
         .await?;
+    lock_workspaces_of(tx, task_ids).await
+}
+
+/// The second half of [`lock_for_update`], for callers that already hold the task rows.
+async fn lock_workspaces_of(tx: &mut sqlx::PgConnection, task_ids: &[Uuid]) -> Result<()> {
     sqlx::query(
         "SELECT id
            FROM workspaces
@@ -891,7 +896,8 @@ pub async fn reclaim_expired(
     if expired.is_empty() {
         return Ok(ReclaimReport::default());
     }
-    lock_for_update(&mut tx, &expired).await?;
+    // The expired rows are ours already (SKIP LOCKED above); their workspaces come next.
+    lock_workspaces_of(&mut tx, &expired).await?;
     let rows: Vec<String> = sqlx::query_scalar(
         "WITH limits AS (
              SELECT t.id,

@@ -1,5 +1,6 @@
-//! How long a task that failed with a transient error waits before its next attempt:
-//! exponential backoff with jitter (computed by `backon`), unless the provider said when.
+//! How long to wait before trying again: a task after a transient error (exponential
+//! backoff with jitter computed by `backon`, unless the provider said when), and the engine's
+//! own loops after a database error.
 
 use std::time::Duration;
 
@@ -26,6 +27,19 @@ pub fn delay(config: &RetryConfig, attempt: i32, retry_after: Option<Duration>) 
     let d = builder.build().nth(n).unwrap_or(max).min(max * 2);
     // Whole milliseconds: the float arithmetic inside gives 200.000003 ms for 200 ms.
     Duration::from_millis(d.as_millis() as u64)
+}
+
+/// Pause of the engine's own loops (claim, write, scheduler pass, LISTEN) after
+/// `failures_in_a_row` database errors: 100 ms doubling to 5 s, ±20%.
+pub fn pause_after_db_errors(failures_in_a_row: u32) -> Duration {
+    let ms = 100u64.saturating_mul(1u64 << failures_in_a_row.min(6));
+    jittered(Duration::from_millis(ms.min(5_000)))
+}
+
+/// ±20%, so that a fleet started together does not poll in lockstep.
+pub fn jittered(d: Duration) -> Duration {
+    let f: f64 = rand::random_range(0.8..1.2);
+    d.mul_f64(f)
 }
 
 #[cfg(test)]

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
-use sqlx::postgres::PgListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -112,7 +111,7 @@ impl Scheduler {
                 Ok(()) => failures = 0,
                 Err(e) => {
                     failures += 1;
-                    let pause = Duration::from_millis((100u64 << failures.min(6)).min(5_000));
+                    let pause = crate::retry::pause_after_db_errors(failures);
                     tracing::warn!(error = %e, retry_in_ms = pause.as_millis() as u64, "scheduler pass failed");
                     tokio::select! { _ = tokio::time::sleep(pause) => {}, _ = shutdown.cancelled() => break }
                     continue;
@@ -140,23 +139,9 @@ impl Scheduler {
 }
 
 async fn listen(pool: PgPool, wake: Arc<Notify>, stop: CancellationToken) {
-    loop {
-        let mut listener = match PgListener::connect_with(&pool).await {
-            Ok(l) => l,
-            Err(_) => {
-                tokio::select! { _ = tokio::time::sleep(Duration::from_millis(500)) => continue, _ = stop.cancelled() => return }
-            }
-        };
-        if listener.listen(CHANNEL_PENDING).await.is_err() {
-            tokio::select! { _ = tokio::time::sleep(Duration::from_millis(500)) => continue, _ = stop.cancelled() => return }
-        }
-        wake.notify_one();
-        loop {
-            let n = tokio::select! { n = listener.recv() => n, _ = stop.cancelled() => return };
-            match n {
-                Ok(_) => wake.notify_one(),
-                Err(_) => break,
-            }
-        }
-    }
+    let wake_on_work = wake.clone();
+    crate::listen::listen(pool, &[CHANNEL_PENDING], wake, stop, move |_| {
+        wake_on_work.notify_one()
+    })
+    .await
 }

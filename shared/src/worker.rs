@@ -10,18 +10,18 @@ use std::time::{Duration, Instant};
 use futures::FutureExt;
 use serde_json::json;
 use sqlx::PgPool;
-use sqlx::postgres::PgListener;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::Result;
 use crate::config::Config;
 use crate::handlers::{self, TaskContext};
 use crate::lifecycle::{
     self, CHANNEL_CANCEL, CHANNEL_QUEUED, ClaimRequest, ClaimedTask, Completion, Failure,
 };
 use crate::providers::{ErrorKind, Providers};
-use crate::{Result, retry};
+use crate::retry::{self, jittered, pause_after_db_errors};
 
 /// Counts of what one worker process did, printed at exit.
 #[derive(Debug, Default, Clone)]
@@ -164,7 +164,7 @@ impl Worker {
                 Err(e) => {
                     drop(permits);
                     failures_in_a_row += 1;
-                    let pause = backoff_pause(failures_in_a_row);
+                    let pause = pause_after_db_errors(failures_in_a_row);
                     tracing::warn!(error = %e, retry_in_ms = pause.as_millis() as u64, "claim failed; retrying");
                     tokio::select! { _ = tokio::time::sleep(pause) => {}, _ = shutdown.cancelled() => break }
                     continue;
@@ -346,18 +346,6 @@ fn running_count(running: &RunningMap) -> usize {
     running.lock().map(|m| m.len()).unwrap_or(0)
 }
 
-/// 100 ms doubling to 5 s, for database errors in the worker's own loops.
-fn backoff_pause(failures_in_a_row: u32) -> Duration {
-    let ms = 100u64.saturating_mul(1u64 << failures_in_a_row.min(6));
-    jittered(Duration::from_millis(ms.min(5_000)))
-}
-
-/// ±20% so that a fleet started together does not poll in lockstep.
-fn jittered(d: Duration) -> Duration {
-    let f: f64 = rand::random_range(0.8..1.2);
-    d.mul_f64(f)
-}
-
 /// Writes results in batches: whatever is waiting when the writer comes round goes in one
 /// transaction (at most `batch`). A database error keeps the results and retries them until
 /// their leases would have expired anyway; then they are dropped (the scheduler reclaims).
@@ -405,7 +393,7 @@ async fn write_results(
                 Ok(w) => break Some(w),
                 Err(e) if Instant::now() < give_up => {
                     attempt += 1;
-                    let pause = backoff_pause(attempt);
+                    let pause = pause_after_db_errors(attempt);
                     tracing::warn!(error = %e, results = completions.len() + failures.len(),
                                    "writing results failed; retrying");
                     tokio::time::sleep(pause).await;
@@ -487,48 +475,25 @@ async fn heartbeat_loop(
     }
 }
 
-/// LISTEN for new work and for cancellations. Reconnects on its own; while it is down the
-/// claim loop's poll is the backstop.
+/// LISTEN for new work (wakes the claim loop) and for cancellations (aborts the task).
 async fn listen(pool: PgPool, running: RunningMap, wake: Arc<Notify>, stop: CancellationToken) {
-    let mut failures = 0u32;
-    loop {
-        let mut listener = match PgListener::connect_with(&pool).await {
-            Ok(l) => l,
-            Err(e) => {
-                failures += 1;
-                tracing::debug!(error = %e, "LISTEN connection failed; retrying");
-                tokio::select! { _ = tokio::time::sleep(backoff_pause(failures)) => continue, _ = stop.cancelled() => return }
+    let wake_on_work = wake.clone();
+    crate::listen::listen(
+        pool,
+        &[CHANNEL_QUEUED, CHANNEL_CANCEL],
+        wake,
+        stop,
+        move |n| {
+            if n.channel() != CHANNEL_CANCEL {
+                wake_on_work.notify_one();
+            } else if let Ok(id) = n.payload().parse::<Uuid>()
+                && let Ok(map) = running.lock()
+                && let Some(r) = map.get(&id)
+            {
+                tracing::info!(task = %id, "cancelled by an admin: aborting");
+                r.abort.cancel();
             }
-        };
-        if let Err(e) = listener.listen_all([CHANNEL_QUEUED, CHANNEL_CANCEL]).await {
-            failures += 1;
-            tracing::debug!(error = %e, "LISTEN failed; retrying");
-            tokio::select! { _ = tokio::time::sleep(backoff_pause(failures)) => continue, _ = stop.cancelled() => return }
-        }
-        failures = 0;
-        // A notification may have been missed while (re)connecting.
-        wake.notify_one();
-        loop {
-            let n = tokio::select! {
-                n = listener.recv() => n,
-                _ = stop.cancelled() => return,
-            };
-            match n {
-                Ok(n) if n.channel() == CHANNEL_CANCEL => {
-                    if let Ok(id) = n.payload().parse::<Uuid>()
-                        && let Ok(map) = running.lock()
-                        && let Some(r) = map.get(&id)
-                    {
-                        tracing::info!(task = %id, "cancelled by an admin: aborting");
-                        r.abort.cancel();
-                    }
-                }
-                Ok(_) => wake.notify_one(),
-                Err(e) => {
-                    tracing::debug!(error = %e, "LISTEN connection lost; reconnecting");
-                    break;
-                }
-            }
-        }
-    }
+        },
+    )
+    .await
 }
