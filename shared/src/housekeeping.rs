@@ -19,8 +19,40 @@ pub struct HousekeepingReport {
 /// Key of the advisory lock that makes housekeeping single-flight across schedulers.
 pub const LOCK_KEY: i64 = 0x6269_7a71_686b; // "bizqhk"
 
+/// When a queue index counts as bloated enough to rebuild.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BloatThresholds {
+    /// An index of this size or smaller is never rebuilt, however empty.
+    pub min_bytes: i64,
+    /// An index is rebuilt when it is more than this many times what its live entries need.
+    pub ratio: i64,
+}
+
+impl BloatThresholds {
+    /// What the scheduler uses: over 64 MB and more than 20 times what live entries need.
+    pub const PRODUCTION: Self = Self {
+        min_bytes: 64 * 1024 * 1024,
+        ratio: 20,
+    };
+}
+
+impl Default for BloatThresholds {
+    fn default() -> Self {
+        Self::PRODUCTION
+    }
+}
+
 /// Runs housekeeping unless another scheduler is already doing it (then `Ok(None)`).
 pub async fn run(pool: &PgPool, config: &SchedulerConfig) -> Result<Option<HousekeepingReport>> {
+    run_with(pool, config, &BloatThresholds::PRODUCTION).await
+}
+
+/// [`run`] with the given thresholds for rebuilding a bloated queue index.
+pub async fn run_with(
+    pool: &PgPool,
+    config: &SchedulerConfig,
+    bloat: &BloatThresholds,
+) -> Result<Option<HousekeepingReport>> {
     let mut conn = pool.acquire().await?;
     let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
         .bind(LOCK_KEY)
@@ -29,7 +61,7 @@ pub async fn run(pool: &PgPool, config: &SchedulerConfig) -> Result<Option<House
     if !got {
         return Ok(None);
     }
-    let result = run_locked(&mut conn, config).await;
+    let result = run_locked(&mut conn, config, bloat).await;
     let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
         .bind(LOCK_KEY)
         .execute(&mut *conn)
@@ -40,6 +72,7 @@ pub async fn run(pool: &PgPool, config: &SchedulerConfig) -> Result<Option<House
 async fn run_locked(
     conn: &mut sqlx::PgConnection,
     config: &SchedulerConfig,
+    bloat: &BloatThresholds,
 ) -> Result<HousekeepingReport> {
     let mut report = HousekeepingReport {
         partitions_created: ensure_partitions(&mut *conn, config.partitions_ahead).await?,
@@ -55,7 +88,7 @@ async fn run_locked(
     .execute(&mut *conn)
     .await?
     .rows_affected();
-    report.indexes_rebuilt = rebuild_bloated_queue_indexes(&mut *conn).await?;
+    report.indexes_rebuilt = rebuild_bloated_queue_indexes(&mut *conn, bloat).await?;
     Ok(report)
 }
 
@@ -117,17 +150,22 @@ pub async fn reset_monthly_credits(conn: &mut sqlx::PgConnection) -> Result<u64>
 }
 
 /// The queue's partial indexes hold only live work, but a burst of millions of tasks leaves
-/// them full of empty pages that autovacuum does not give back. When one is over 64 MB and
-/// more than 20 times what its live entries need, rebuild it without blocking the fleet.
-async fn rebuild_bloated_queue_indexes(conn: &mut sqlx::PgConnection) -> Result<Vec<String>> {
+/// them full of empty pages that autovacuum does not give back. When one is over
+/// `bloat.min_bytes` (64 MB in production) and more than `bloat.ratio` times (20) what its live
+/// entries need, rebuild it without blocking the fleet.
+async fn rebuild_bloated_queue_indexes(
+    conn: &mut sqlx::PgConnection,
+    bloat: &BloatThresholds,
+) -> Result<Vec<String>> {
     let rows = sqlx::query(
         "SELECT c.relname AS name, pg_relation_size(c.oid) AS bytes
            FROM pg_class c
           WHERE c.relkind = 'i'
             AND c.relname IN ('idx_tasks_admit', 'idx_tasks_promote', 'idx_tasks_claim',
                               'idx_tasks_lease', 'idx_tasks_credit_wait')
-            AND pg_relation_size(c.oid) > 64 * 1024 * 1024",
+            AND pg_relation_size(c.oid) > $1",
     )
+    .bind(bloat.min_bytes)
     .fetch_all(&mut *conn)
     .await?;
     let mut rebuilt = Vec::new();
@@ -140,10 +178,12 @@ async fn rebuild_bloated_queue_indexes(conn: &mut sqlx::PgConnection) -> Result<
     )
     .fetch_one(&mut *conn)
     .await?;
+    // What the live entries need: about 64 bytes each, plus 1 MB of slack.
+    let needed = live.saturating_mul(64).saturating_add(1024 * 1024);
     for r in rows {
         let name: String = r.try_get("name")?;
         let bytes: i64 = r.try_get("bytes")?;
-        if bytes > 20 * (live * 64 + 1024 * 1024) {
+        if bytes > bloat.ratio.saturating_mul(needed) {
             // The name comes from the fixed list above, never from input.
             let sql = format!("REINDEX INDEX CONCURRENTLY {name}");
             sqlx::raw_sql(sqlx::AssertSqlSafe(sql))

@@ -26,9 +26,11 @@
 //!   the task leaves `processing`; the charge happens in the completion's transaction.
 //! - Dependents of a task are resolved by trigger when it completes, fails or is cancelled.
 //! - Lock order, everywhere: task rows first (in id order, or with `SKIP LOCKED`), then
-//!   workspace rows in id order. The credit triggers lock workspace rows, so every statement
-//!   that fires them runs after [`lock_for_update`] took the workspace rows in order. Without
-//!   this, two workers completing tasks of two workspaces deadlock each other.
+//!   workspace rows in id order. Workspace rows are the busiest rows of the database (every
+//!   claim reserves on them, every completion charges them), so they are locked as late as
+//!   possible: by the claim's `funds` step, and by the billing triggers at the end of each
+//!   UPDATE of tasks (migration 0007), never for the length of a batch. Without one order, two
+//!   workers completing tasks of two workspaces deadlock each other.
 //! - Row locks are `FOR NO KEY UPDATE`, never `FOR UPDATE`: inserting a task takes a
 //!   `KEY SHARE` lock on its workspace row (the foreign key check), which `FOR UPDATE` would
 //!   block, so a product's multi-workspace `INSERT` would deadlock with a claim.
@@ -439,28 +441,15 @@ pub async fn admit(
     Ok(report)
 }
 
-/// Locks the given tasks (id order) and then their workspaces (id order) inside `tx`, so that
-/// the triggers fired by the caller's next statement never wait for a lock out of order.
+/// Locks the given tasks in id order inside `tx`, before the caller's UPDATE of them, so two
+/// statements over overlapping tasks (a heartbeat and a completion, say) take them in the
+/// same order. Their workspace rows are locked later, by the billing triggers at the end of
+/// that UPDATE, in id order (migration 0007), and held only until the commit.
 async fn lock_for_update(tx: &mut sqlx::PgConnection, task_ids: &[Uuid]) -> Result<()> {
     sqlx::query("SELECT id FROM tasks WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
         .bind(task_ids.to_vec())
         .execute(&mut *tx)
         .await?;
-    lock_workspaces_of(tx, task_ids).await
-}
-
-/// The second half of [`lock_for_update`], for callers that already hold the task rows.
-async fn lock_workspaces_of(tx: &mut sqlx::PgConnection, task_ids: &[Uuid]) -> Result<()> {
-    sqlx::query(
-        "SELECT id
-           FROM workspaces
-          WHERE id IN (SELECT workspace_id FROM tasks WHERE id = ANY($1))
-          ORDER BY id
-            FOR NO KEY UPDATE",
-    )
-    .bind(task_ids.to_vec())
-    .execute(&mut *tx)
-    .await?;
     Ok(())
 }
 
@@ -896,8 +885,8 @@ pub async fn reclaim_expired(
     if expired.is_empty() {
         return Ok(ReclaimReport::default());
     }
-    // The expired rows are ours already (SKIP LOCKED above); their workspaces come next.
-    lock_workspaces_of(&mut tx, &expired).await?;
+    // The expired rows are ours already (SKIP LOCKED above); the billing triggers of the
+    // UPDATE below lock their workspaces, in id order, at its end.
     let rows: Vec<String> = sqlx::query_scalar(
         "WITH limits AS (
              SELECT t.id,

@@ -30,23 +30,33 @@ async fn dashboard(pool: &PgPool, ws: Uuid) -> anyhow::Result<Dashboard> {
     .await?)
 }
 
+/// SQL for the start of today in workspace `$1`'s timezone, computed as the dashboard does.
+// Never after now() and always today, so a row stamped with it is today's even just after
+// midnight (`now() - interval '1 minute'` is yesterday's in the first minute of the day).
+const TODAY_START: &str =
+    "(SELECT (now() AT TIME ZONE w.timezone)::date::timestamp AT TIME ZONE w.timezone
+        FROM workspaces w
+       WHERE w.id = $1)";
+
+/// Adds an order placed `before_today` (an interval, `'0'` for today) before local midnight.
 async fn add_order(
     pool: &PgPool,
     ws: Uuid,
     amount: &str,
     status: &str,
-    age: &str,
+    before_today: &str,
 ) -> anyhow::Result<()> {
-    sqlx::query(
+    let sql = format!(
         "INSERT INTO orders (workspace_id, external_id, total_amount, status, order_date, line_items)
-         VALUES ($1, gen_random_uuid()::text, $2::numeric, $3, now() - $4::interval, '[]')",
-    )
-    .bind(ws)
-    .bind(amount)
-    .bind(status)
-    .bind(age)
-    .execute(pool)
-    .await?;
+         VALUES ($1, gen_random_uuid()::text, $2::numeric, $3, {TODAY_START} - $4::interval, '[]')"
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(ws)
+        .bind(amount)
+        .bind(status)
+        .bind(before_today)
+        .execute(pool)
+        .await?;
     Ok(())
 }
 
@@ -77,8 +87,8 @@ async fn dashboard_counts_are_not_multiplied_by_joins(pool: PgPool) -> anyhow::R
     set_status(&pool, processing, "processing").await?;
     let done = create_task(&pool, ws, Some(3)).await?;
     set_status(&pool, done, "completed").await?;
-    // 2 orders: 120.50 a minute ago, 79.25 ten days ago.
-    add_order(&pool, ws, "120.50", "confirmed", "1 minute").await?;
+    // 2 orders: 120.50 today, 79.25 ten days before today.
+    add_order(&pool, ws, "120.50", "confirmed", "0").await?;
     add_order(&pool, ws, "79.25", "delivered", "10 days").await?;
     // 4 products: 3 active, 1 draft.
     for status in ["active", "active", "active", "draft"] {
@@ -88,7 +98,7 @@ async fn dashboard_counts_are_not_multiplied_by_joins(pool: PgPool) -> anyhow::R
     // Another workspace with data that must not leak into the first one's numbers.
     let other = create_workspace(&pool, "dash-other").await?;
     create_task(&pool, other, None).await?;
-    add_order(&pool, other, "1000.00", "confirmed", "1 minute").await?;
+    add_order(&pool, other, "1000.00", "confirmed", "0").await?;
     add_product(&pool, other, "active").await?;
 
     assert_eq!(
@@ -111,8 +121,8 @@ async fn dashboard_counts_are_not_multiplied_by_joins(pool: PgPool) -> anyhow::R
 #[sqlx::test(migrations = "../migrations")]
 async fn dashboard_windows_and_exclusions(pool: PgPool) -> anyhow::Result<()> {
     let ws = create_workspace(&pool, "windows").await?;
-    add_order(&pool, ws, "10.00", "confirmed", "1 minute").await?;
-    add_order(&pool, ws, "500.00", "cancelled", "1 minute").await?; // today, but not revenue
+    add_order(&pool, ws, "10.00", "confirmed", "0").await?;
+    add_order(&pool, ws, "500.00", "cancelled", "0").await?; // today, but not revenue
     add_order(&pool, ws, "600.00", "refunded", "2 days").await?; // not revenue
     add_order(&pool, ws, "700.00", "confirmed", "45 days").await?; // outside the window
     // An empty workspace still has a row, with zeros.
@@ -140,12 +150,15 @@ async fn dashboard_windows_and_exclusions(pool: PgPool) -> anyhow::Result<()> {
         .execute(&pool)
         .await?;
     let yesterday = create_task(&pool, ws, None).await?;
-    sqlx::query(
-        "UPDATE tasks SET status = 'completed', completed_at = date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' - interval '1 minute' WHERE id = $1",
-    )
-    .bind(yesterday)
-    .execute(&pool)
-    .await?;
+    let sql = format!(
+        "UPDATE tasks SET status = 'completed', completed_at = {TODAY_START} - interval '1 minute'
+          WHERE id = $2"
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(ws)
+        .bind(yesterday)
+        .execute(&pool)
+        .await?;
     assert_eq!(dashboard(&pool, ws).await?.tasks_completed_today, 1);
 
     // Soft-deleted workspaces are not shown.
@@ -172,9 +185,10 @@ async fn today_is_the_workspace_local_day(pool: PgPool) -> anyhow::Result<()> {
             .bind(tz)
             .execute(&pool)
             .await?;
-        // Completed one second after local midnight (always <= now) and one second before it.
+        // Completed at local midnight (today's first instant: never after now, so this holds
+        // even just after midnight) and one second before it.
         let local_midnight = "((now() AT TIME ZONE $2)::date::timestamp AT TIME ZONE $2)";
-        for offset in ["interval '1 second'", "-interval '1 second'"] {
+        for offset in ["interval '0'", "-interval '1 second'"] {
             let task = create_task(&pool, ws, None).await?;
             let sql = format!(
                 "UPDATE tasks SET status = 'completed', completed_at = {local_midnight} + {offset} WHERE id = $1"
