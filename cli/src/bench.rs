@@ -64,6 +64,7 @@ pub struct BenchArgs {
     #[arg(
         long,
         value_delimiter = ',',
+        value_parser = ["e2e", "latency", "claim", "pgbench", "floor"],
         default_value = "e2e,latency,claim,pgbench,floor"
     )]
     only: Vec<String>,
@@ -676,11 +677,12 @@ async fn raw_sql(url: &str, args: &BenchArgs, dir: &Path) -> anyhow::Result<f64>
     Ok(args.tasks as f64 / last)
 }
 
+/// The pgbench script, when `--print-pgbench-script` asks for it instead of a run.
+pub fn requested_script(args: &BenchArgs) -> Option<String> {
+    args.print_pgbench_script.then(|| pgbench_script(256))
+}
+
 pub async fn run(url: &str, args: BenchArgs) -> anyhow::Result<()> {
-    if args.print_pgbench_script {
-        print!("{}", pgbench_script(256));
-        return Ok(());
-    }
     let dir = std::env::temp_dir().join(format!("bizq-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     if let Some(l) = &args.logs {

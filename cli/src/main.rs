@@ -71,6 +71,13 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Command::Bench(a) = &cli.command
+        && let Some(script) = bench::requested_script(a)
+    {
+        // Printing the pgbench script needs no database.
+        print!("{script}");
+        return Ok(());
+    }
     let url = bizq::config::database_url(cli.database_url)?;
     match cli.command {
         Command::Migrate => admin::migrate(&url).await,
