@@ -21,7 +21,26 @@
 -- fires first; the second finds the rows already held.
 --
 -- Semantics of the charge and the release are unchanged (same statements as 0004 and 0006).
--- Idempotent: CREATE OR REPLACE only.
+-- Idempotent: CREATE OR REPLACE and REVOKE only.
+
+-- Locks the given workspace rows in id order, the engine's lock order. Called by both billing
+-- triggers (running as their owner); not for direct use.
+CREATE OR REPLACE FUNCTION bizq_lock_workspaces(ids uuid[])
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = public, pg_temp
+AS $$
+BEGIN
+  IF cardinality(ids) > 0 THEN
+    PERFORM 1
+       FROM workspaces w
+      WHERE w.id = ANY (ids)
+      ORDER BY w.id
+        FOR NO KEY UPDATE;
+  END IF;
+END;
+$$;
+REVOKE EXECUTE ON FUNCTION bizq_lock_workspaces(uuid[]) FROM PUBLIC;
 
 CREATE OR REPLACE FUNCTION deduct_task_credits()
 RETURNS trigger
@@ -30,7 +49,6 @@ SECURITY DEFINER
 SET search_path = public, pg_temp
 AS $$
 DECLARE
-  touched      uuid[];
   r            record;
   old_balance  integer;
   new_balance  integer;
@@ -38,18 +56,10 @@ DECLARE
   threshold    numeric;
 BEGIN
   -- Every workspace this statement charges or releases, locked in id order (see header).
-  SELECT array_agg(DISTINCT t.workspace_id) INTO touched
-    FROM (SELECT n.workspace_id FROM completed_new n WHERE n.status = 'completed'
-          UNION ALL
-          SELECT o.workspace_id FROM completed_old o
-           WHERE o.status = 'processing' AND o.reserved_credits > 0) t;
-  IF touched IS NOT NULL THEN
-    PERFORM 1
-       FROM workspaces w
-      WHERE w.id = ANY (touched)
-      ORDER BY w.id
-        FOR NO KEY UPDATE;
-  END IF;
+  PERFORM bizq_lock_workspaces(ARRAY(
+    SELECT n.workspace_id FROM completed_new n WHERE n.status = 'completed'
+    UNION
+    SELECT o.workspace_id FROM completed_old o WHERE o.status = 'processing' AND o.reserved_credits > 0));
 
   -- One pass per workspace per statement (workspaces in id order, the engine's lock order):
   -- a worker completing 500 tasks of one workspace updates that workspace row once, not 500
@@ -101,22 +111,12 @@ LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = public, pg_temp
 AS $$
-DECLARE
-  touched uuid[];
 BEGIN
   -- The same lock as deduct_task_credits takes first (see header); a no-op when it already has.
-  SELECT array_agg(DISTINCT t.workspace_id) INTO touched
-    FROM (SELECT n.workspace_id FROM released_new n WHERE n.status = 'completed'
-          UNION ALL
-          SELECT o.workspace_id FROM released_old o
-           WHERE o.status = 'processing' AND o.reserved_credits > 0) t;
-  IF touched IS NOT NULL THEN
-    PERFORM 1
-       FROM workspaces w
-      WHERE w.id = ANY (touched)
-      ORDER BY w.id
-        FOR NO KEY UPDATE;
-  END IF;
+  PERFORM bizq_lock_workspaces(ARRAY(
+    SELECT n.workspace_id FROM released_new n WHERE n.status = 'completed'
+    UNION
+    SELECT o.workspace_id FROM released_old o WHERE o.status = 'processing' AND o.reserved_credits > 0));
 
   UPDATE workspaces w
      SET credits_reserved = GREATEST(w.credits_reserved - r.released, 0)

@@ -497,6 +497,49 @@ const SEED_TASK_INDEXES: [&str; 17] = [
     "idx_tasks_context_gin",
 ];
 
+/// The floor's four writes, each one bulk statement over every task.
+const FLOOR_WRITES: [&str; 4] = [
+    "INSERT INTO tasks (workspace_id, type, category, name, input, priority)
+         SELECT w.ids[1 + g % 8], 'ai.generate', 'content', 'bench',
+                jsonb_build_object('prompt', 'bench prompt ' || g), 1 + g % 10
+           FROM generate_series(1, $1) g,
+                (SELECT array_agg(id ORDER BY slug) AS ids FROM workspaces) w",
+    "UPDATE tasks
+            SET status = 'queued',
+                deps_remaining = 0
+          WHERE status = 'pending'",
+    "WITH claimed AS (
+             UPDATE tasks
+                SET status = 'processing',
+                    started_at = now(),
+                    attempt = attempt + 1,
+                    lease_token = gen_random_uuid(),
+                    lease_expires_at = now() + interval '10 minutes',
+                    locked_by = 'floor',
+                    reserved_credits = 1
+              WHERE status = 'queued'
+             RETURNING workspace_id
+         )
+         UPDATE workspaces w
+            SET credits_reserved = w.credits_reserved + c.n
+           FROM (SELECT workspace_id, count(*)::int AS n FROM claimed GROUP BY workspace_id) c
+          WHERE w.id = c.workspace_id",
+    "UPDATE tasks
+            SET status = 'completed',
+                output = jsonb_build_object(
+                           'text', 'mock reply to ' || id,
+                           'usage', jsonb_build_object('prompt_tokens', 4, 'completion_tokens', 12)),
+                actual_cost = 1,
+                cost_breakdown = '{\"credits\": 1}',
+                processing_time_ms = 0,
+                ai_provider = 'mock',
+                ai_model = 'mock-1',
+                completed_at = now(),
+                lease_token = NULL,
+                lease_expires_at = NULL
+          WHERE status = 'processing'",
+];
+
 /// The four writes of a task's life as four bulk statements (insert, admit, claim with its
 /// reservation, complete with the credit triggers), timed one by one on one connection.
 /// Microseconds per task for each, in that order.
@@ -515,73 +558,15 @@ async fn floor_round(url: &str, n: i64, seed_indexes: bool) -> anyhow::Result<[f
     let mut conn = pool.acquire().await?;
     let per_task = |t: Instant| t.elapsed().as_secs_f64() * 1e6 / n as f64;
 
-    let t = Instant::now();
-    sqlx::query(
-        "INSERT INTO tasks (workspace_id, type, category, name, input, priority)
-         SELECT w.ids[1 + g % 8], 'ai.generate', 'content', 'bench',
-                jsonb_build_object('prompt', 'bench prompt ' || g), 1 + g % 10
-           FROM generate_series(1, $1) g,
-                (SELECT array_agg(id ORDER BY slug) AS ids FROM workspaces) w",
-    )
-    .bind(n)
-    .execute(&mut *conn)
-    .await?;
-    let insert = per_task(t);
-
-    let t = Instant::now();
-    sqlx::query(
-        "UPDATE tasks
-            SET status = 'queued',
-                deps_remaining = 0
-          WHERE status = 'pending'",
-    )
-    .execute(&mut *conn)
-    .await?;
-    let admit = per_task(t);
-
-    let t = Instant::now();
-    sqlx::query(
-        "WITH claimed AS (
-             UPDATE tasks
-                SET status = 'processing',
-                    started_at = now(),
-                    attempt = attempt + 1,
-                    lease_token = gen_random_uuid(),
-                    lease_expires_at = now() + interval '10 minutes',
-                    locked_by = 'floor',
-                    reserved_credits = 1
-              WHERE status = 'queued'
-             RETURNING workspace_id
-         )
-         UPDATE workspaces w
-            SET credits_reserved = w.credits_reserved + c.n
-           FROM (SELECT workspace_id, count(*)::int AS n FROM claimed GROUP BY workspace_id) c
-          WHERE w.id = c.workspace_id",
-    )
-    .execute(&mut *conn)
-    .await?;
-    let claim = per_task(t);
-
-    let t = Instant::now();
-    sqlx::query(
-        "UPDATE tasks
-            SET status = 'completed',
-                output = jsonb_build_object(
-                           'text', 'mock reply to ' || id,
-                           'usage', jsonb_build_object('prompt_tokens', 4, 'completion_tokens', 12)),
-                actual_cost = 1,
-                cost_breakdown = '{\"credits\": 1}',
-                processing_time_ms = 0,
-                ai_provider = 'mock',
-                ai_model = 'mock-1',
-                completed_at = now(),
-                lease_token = NULL,
-                lease_expires_at = NULL
-          WHERE status = 'processing'",
-    )
-    .execute(&mut *conn)
-    .await?;
-    let complete = per_task(t);
+    // Insert (binds the row count), admit, claim with its reservation, complete.
+    let mut phases = [0.0; 4];
+    for (i, sql) in FLOOR_WRITES.into_iter().enumerate() {
+        let query = sqlx::query(sql);
+        let query = if i == 0 { query.bind(n) } else { query };
+        let t = Instant::now();
+        query.execute(&mut *conn).await?;
+        phases[i] = per_task(t);
+    }
 
     let done: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE status = 'completed'")
         .fetch_one(&mut *conn)
@@ -591,7 +576,7 @@ async fn floor_round(url: &str, n: i64, seed_indexes: bool) -> anyhow::Result<[f
     }
     drop(conn);
     pool.close().await;
-    Ok([insert, admit, claim, complete])
+    Ok(phases)
 }
 
 /// Median per phase over `rounds` rounds, alternating the two variants round by round.
