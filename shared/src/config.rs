@@ -201,6 +201,10 @@ pub struct MockProviderConfig {
     pub failure_rate: f64,
     /// Prompts containing this marker fail with a permanent 400 (for tests and demos).
     pub permanent_failure_marker: Option<String>,
+    /// Prompts containing this marker are rate limited on their first attempt: HTTP 429 with
+    /// a `Retry-After` of `rate_limit_retry_after_ms` (for tests and demos).
+    pub rate_limit_marker: Option<String>,
+    pub rate_limit_retry_after_ms: u64,
 }
 
 impl Default for MockProviderConfig {
@@ -210,6 +214,8 @@ impl Default for MockProviderConfig {
             latency_ms: 0,
             failure_rate: 0.0,
             permanent_failure_marker: None,
+            rate_limit_marker: None,
+            rate_limit_retry_after_ms: 1000,
         }
     }
 }
@@ -289,6 +295,22 @@ mod tests {
     fn glob_patterns_become_like_patterns() {
         assert_eq!(glob_to_like("content.*"), "content.%");
         assert_eq!(glob_to_like("a_b%"), "a\\_b\\%");
+    }
+
+    #[test]
+    fn every_shipped_config_file_is_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(&dir).expect("config/ exists") {
+            let path = entry.expect("a directory entry").path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                if let Err(e) = Config::from_file(&path) {
+                    panic!("{}: {e}", path.display());
+                }
+                checked += 1;
+            }
+        }
+        assert!(checked >= 3, "bizq.toml, demo.toml and test.toml at least");
     }
 
     #[test]

@@ -289,6 +289,54 @@ async fn transient_errors_retry_with_backoff_then_fail_with_details(
 }
 
 #[sqlx::test(migrations = "../migrations")]
+async fn a_429_retry_after_wins_over_the_backoff(pool: PgPool) -> anyhow::Result<()> {
+    let config = config_with(&[
+        ("providers.mock.rate_limit_marker", "\"[slow]\""),
+        ("providers.mock.rate_limit_retry_after_ms", "1500"),
+        ("retry.base_ms", "50"),
+        ("retry.max_ms", "60000"),
+        ("retry.jitter", "false"),
+    ]);
+    let ws = workspace(&pool, 100).await?;
+    let id = generate(&pool, ws, "[slow] rate limited once", 5, &[]).await?;
+    let engine = engine_pool(&pool, &config).await?;
+    let fleet = InProcessFleet::start(&engine, &config, 1, 1);
+    wait_for(
+        &pool,
+        "SELECT attempt = 1 AND status = 'pending' FROM tasks",
+        T,
+    )
+    .await?;
+    // The provider's Retry-After (1.5 s), not the computed backoff (50 ms), sets the wait.
+    let (wait_ms, code, http): (f64, String, i32) = sqlx::query_as(
+        "SELECT EXTRACT(EPOCH FROM scheduled_for - now())::float8 * 1000,
+                error_details ->> 'code', (error_details ->> 'http_status')::int
+           FROM tasks WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(&pool)
+    .await?;
+    assert!(
+        wait_ms > 1000.0 && wait_ms <= 1500.0,
+        "Retry-After of 1500 ms, got {wait_ms}"
+    );
+    assert_eq!((code.as_str(), http), ("rate_limited", 429));
+    wait_for(&pool, "SELECT status = 'completed' FROM tasks", T).await?;
+    fleet.shutdown().await?;
+    let (attempt, cost): (i32, i32) =
+        sqlx::query_as("SELECT attempt, actual_cost FROM tasks WHERE id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await?;
+    assert_eq!(attempt, 2, "completed on the attempt after the 429");
+    let Credits {
+        balance, reserved, ..
+    } = credits(&pool, ws).await?;
+    assert_eq!((balance, reserved), (100 - cost, 0), "charged once");
+    Ok(())
+}
+
+#[sqlx::test(migrations = "../migrations")]
 async fn permanent_errors_fail_at_once(pool: PgPool) -> anyhow::Result<()> {
     let config = test_config();
     let ws = workspace(&pool, 100).await?;

@@ -1,5 +1,6 @@
 //! The built-in `mock` provider: deterministic text, token counts from the prompt's length,
-//! configurable latency and failure rate. Enabled only by config.
+//! configurable latency, failure rate, and markers that make a prompt fail for good (400) or
+//! be rate limited once (429 with `Retry-After`). Enabled only by config.
 
 use std::time::Duration;
 
@@ -54,6 +55,17 @@ impl Provider for MockProvider {
                     400,
                     r#"{"error":"the prompt was rejected by the mock provider"}"#,
                     None,
+                ));
+            }
+            if let Some(marker) = &self.config.rate_limit_marker
+                && request.prompt.contains(marker.as_str())
+                && request.attempt <= 1
+            {
+                return Err(ProviderError::from_http(
+                    "mock",
+                    429,
+                    r#"{"error":"mock rate limit: slow down"}"#,
+                    Some(Duration::from_millis(self.config.rate_limit_retry_after_ms)),
                 ));
             }
             if self.fails_transiently(request) {
