@@ -348,7 +348,12 @@ pub async fn run(url: &str, args: DemoArgs) -> anyhow::Result<()> {
     for (w, n) in &by_worker {
         println!("  {w} completed {n}");
     }
-    println!("  {retried} tasks completed after a transient failure and a retry");
+    let (noun, verb) = if retried == 1 {
+        ("task", "was")
+    } else {
+        ("tasks", "were")
+    };
+    println!("  {retried} {noun} {verb} completed after a transient failure and a retry");
     let balance_after: i32 =
         sqlx::query_scalar("SELECT credits_balance FROM workspaces WHERE id = $1")
             .bind(ws)
