@@ -49,14 +49,14 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 20_000)]
     claims: i64,
     /// Claim rounds per scenario; the median is printed.
-    #[arg(long, default_value_t = 5)]
-    claim_rounds: usize,
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    claim_rounds: u32,
     /// Tasks per round of the "floor" scenario (bulk statements, one backend).
-    #[arg(long, default_value_t = 50_000)]
+    #[arg(long, default_value_t = 50_000, value_parser = clap::value_parser!(i64).range(1..))]
     floor_tasks: i64,
     /// Rounds of the "floor" scenario; the median of each phase is printed.
-    #[arg(long, default_value_t = 3)]
-    floor_rounds: usize,
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    floor_rounds: u32,
     /// pgbench clients (each one claims and completes in a loop, like a worker).
     #[arg(long, default_value_t = 4)]
     pgbench_clients: usize,
@@ -94,13 +94,18 @@ enabled = true
 latency_ms = 0
 "#;
 
+/// A one-connection pool on the server's `postgres` database, for CREATE/DROP DATABASE.
+async fn admin_pool(base: &PgConnectOptions) -> anyhow::Result<PgPool> {
+    Ok(sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(base.clone().database("postgres"))
+        .await?)
+}
+
 /// Creates (or recreates) the database `name` beside `url`'s and returns its URL and a pool.
 async fn fresh_db_named(url: &str, name: &str) -> anyhow::Result<(String, PgPool)> {
     let base: PgConnectOptions = url.parse().context("parsing DATABASE_URL")?;
-    let admin = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .connect_with(base.clone().database("postgres"))
-        .await?;
+    let admin = admin_pool(&base).await?;
     drop_db(&admin, name).await?;
     // The names are this file's constants (checked by `bench_db_name`), never user input.
     sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -147,10 +152,7 @@ async fn drop_db(admin: &PgPool, name: &str) -> anyhow::Result<()> {
 /// Drops the named bench databases (they can hold a million rows).
 async fn drop_dbs(url: &str, names: &[&str]) -> anyhow::Result<()> {
     let base: PgConnectOptions = url.parse().context("parsing DATABASE_URL")?;
-    let admin = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .connect_with(base.database("postgres"))
-        .await?;
+    let admin = admin_pool(&base).await?;
     for name in names {
         drop_db(&admin, name).await?;
     }
@@ -415,12 +417,9 @@ async fn claim_throughput(url: &str, args: &BenchArgs) -> anyhow::Result<(f64, f
 
     // A deep queue: each round claims from the front of the index (priority 1 first) as it
     // would in production, and `deep_queue` tasks are still queued behind the last round.
-    if args.claim_rounds == 0 {
-        bail!("--claim-rounds must be at least 1");
-    }
     let (_, deep) = fresh_db_named(url, CLAIM_DBS[1]).await?;
     workspaces(&deep).await?;
-    let deep_total = args.deep_queue + args.claims * args.claim_rounds as i64;
+    let deep_total = args.deep_queue + args.claims * i64::from(args.claim_rounds);
     eprintln!("  inserting {deep_total} queued tasks ...");
     insert_tasks(&deep, deep_total, "queued", Some(0)).await?;
 
@@ -497,13 +496,10 @@ const SEED_TASK_INDEXES: [&str; 17] = [
     "idx_tasks_context_gin",
 ];
 
-/// The floor's four writes, each one bulk statement over every task.
-const FLOOR_WRITES: [&str; 4] = [
-    "INSERT INTO tasks (workspace_id, type, category, name, input, priority)
-         SELECT w.ids[1 + g % 8], 'ai.generate', 'content', 'bench',
-                jsonb_build_object('prompt', 'bench prompt ' || g), 1 + g % 10
-           FROM generate_series(1, $1) g,
-                (SELECT array_agg(id ORDER BY slug) AS ids FROM workspaces) w",
+/// The floor's three updates (admit, claim with its reservation, complete), each one bulk
+/// statement over every task; the insert before them is `insert_tasks`, as in the other
+/// scenarios.
+const FLOOR_UPDATES: [&str; 3] = [
     "UPDATE tasks
             SET status = 'queued',
                 deps_remaining = 0
@@ -558,14 +554,14 @@ async fn floor_round(url: &str, n: i64, seed_indexes: bool) -> anyhow::Result<[f
     let mut conn = pool.acquire().await?;
     let per_task = |t: Instant| t.elapsed().as_secs_f64() * 1e6 / n as f64;
 
-    // Insert (binds the row count), admit, claim with its reservation, complete.
     let mut phases = [0.0; 4];
-    for (i, sql) in FLOOR_WRITES.into_iter().enumerate() {
-        let query = sqlx::query(sql);
-        let query = if i == 0 { query.bind(n) } else { query };
+    let t = Instant::now();
+    insert_tasks(&pool, n, "pending", None).await?;
+    phases[0] = per_task(t);
+    for (phase, sql) in phases[1..].iter_mut().zip(FLOOR_UPDATES) {
         let t = Instant::now();
-        query.execute(&mut *conn).await?;
-        phases[i] = per_task(t);
+        sqlx::query(sql).execute(&mut *conn).await?;
+        *phase = per_task(t);
     }
 
     let done: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE status = 'completed'")
@@ -732,9 +728,6 @@ pub async fn run(url: &str, args: BenchArgs) -> anyhow::Result<()> {
     }
     if run("floor") {
         eprintln!("floor: the lifecycle as bulk statements ...");
-        if args.floor_rounds == 0 || args.floor_tasks <= 0 {
-            bail!("--floor-rounds and --floor-tasks must be at least 1");
-        }
         let [full, lean] = floor(url, &args).await?;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         println!(
