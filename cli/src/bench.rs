@@ -2,7 +2,8 @@
 //! ratios on a noisy machine.
 //!
 //! 1. End to end: N tasks inserted as `pending`, the clock runs until the last is `completed`
-//!    (mock provider at 0 ms), with 1, 2 and 4 worker processes and one scheduler.
+//!    (mock provider at 0 ms), with 1, 2 and 4 worker processes and one scheduler. Rounds of
+//!    these alternate with the raw-SQL run (4.) and each figure is a median.
 //! 2. Pickup latency on an idle fleet: single inserts, `started_at - created_at`.
 //! 3. Claim throughput of the claim statement alone: a near-empty queue, one with 1,000,000
 //!    queued tasks, and one with 100,000 tasks blocked on an unfinished dependency; rounds
@@ -36,6 +37,9 @@ pub struct BenchArgs {
     /// Worker process counts for the end-to-end runs.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
     workers: Vec<usize>,
+    /// Rounds of the end-to-end and raw-SQL runs, alternating; medians are printed.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
     /// Tasks inserted one by one for the pickup-latency figure.
     #[arg(long, default_value_t = 300)]
     latency_samples: usize,
@@ -393,8 +397,9 @@ async fn claim_rate(pool: &PgPool, args: &BenchArgs) -> anyhow::Result<f64> {
 /// The three claim scenarios, each in its own database so their rounds can interleave.
 const CLAIM_DBS: [&str; 3] = ["bizq_bench_empty", "bizq_bench_deep", "bizq_bench_blocked"];
 
-/// Median of a non-empty list of rates.
-fn median(mut xs: Vec<f64>) -> f64 {
+/// Median of a list of rates (NaN when empty).
+fn median(xs: &[f64]) -> f64 {
+    let mut xs = xs.to_vec();
     xs.sort_by(f64::total_cmp);
     let n = xs.len();
     if n == 0 {
@@ -470,7 +475,7 @@ async fn claim_throughput(url: &str, args: &BenchArgs) -> anyhow::Result<(f64, f
         pool.close().await;
     }
     drop_dbs(url, &CLAIM_DBS).await?;
-    Ok((median(r_empty), median(r_deep), median(r_blocked)))
+    Ok((median(&r_empty), median(&r_deep), median(&r_blocked)))
 }
 
 /// The seed's general-purpose indexes on `tasks` (migration 0003). The floor scenario drops
@@ -584,7 +589,7 @@ async fn floor(url: &str, args: &BenchArgs) -> anyhow::Result<[[f64; 4]; 2]> {
             samples[i].push(floor_round(url, args.floor_tasks, seed_indexes).await?);
         }
     }
-    let phase = |i: usize, p: usize| median(samples[i].iter().map(|s| s[p]).collect());
+    let phase = |i: usize, p: usize| median(&samples[i].iter().map(|s| s[p]).collect::<Vec<_>>());
     Ok([0, 1].map(|i| [0, 1, 2, 3].map(|p| phase(i, p))))
 }
 
@@ -678,12 +683,63 @@ pub async fn run(url: &str, args: BenchArgs) -> anyhow::Result<()> {
     );
 
     let run = |name: &str| args.only.iter().any(|o| o == name);
-    let mut e2e = Vec::new();
-    for &w in args.workers.iter().filter(|_| run("e2e")) {
-        eprintln!("end to end with {w} worker process(es) ...");
-        let rate = end_to_end(url, &args, &config, w).await?;
-        println!("end-to-end  workers={w}  {rate:>9.0} tasks/s");
-        e2e.push((w, rate));
+    // End to end and raw SQL alternate round by round, so that a slow spell of the machine
+    // hits both; figures are medians, and each round's own ratio is shown too.
+    let (run_e2e, run_raw) = (run("e2e"), run("pgbench"));
+    let mut e2e: Vec<(usize, Vec<f64>)> = if run_e2e {
+        args.workers.iter().map(|&w| (w, Vec::new())).collect()
+    } else {
+        Vec::new()
+    };
+    let mut raw = Vec::new();
+    for round in (1..=args.rounds).filter(|_| run_e2e || run_raw) {
+        for (w, rates) in &mut e2e {
+            eprintln!(
+                "round {round}/{}: end to end with {w} worker process(es) ...",
+                args.rounds
+            );
+            rates.push(end_to_end(url, &args, &config, *w).await?);
+        }
+        if run_raw {
+            eprintln!("round {round}/{}: raw SQL through pgbench ...", args.rounds);
+            raw.push(raw_sql(url, &args, &dir).await?);
+        }
+    }
+    let rounds_text = |xs: &[f64]| {
+        xs.iter()
+            .map(|x| format!("{x:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for (w, rates) in &e2e {
+        println!(
+            "end-to-end  workers={w}  {:>9.0} tasks/s  (median of {}: {})",
+            median(rates),
+            rates.len(),
+            rounds_text(rates)
+        );
+    }
+    if run_raw {
+        let raw_median = median(&raw);
+        println!(
+            "raw SQL (pgbench, {} clients: admit + claim + complete)  {:>9.0} tasks/s  (median of {}: {})",
+            args.pgbench_clients,
+            raw_median,
+            raw.len(),
+            rounds_text(&raw)
+        );
+        for (w, rates) in &e2e {
+            let per_round: Vec<f64> = rates.iter().zip(&raw).map(|(e, r)| e / r).collect();
+            println!(
+                "  engine with {w} worker(s) / raw SQL = {:.2}  (median of medians; rounds: {})",
+                median(rates) / raw_median,
+                per_round
+                    .iter()
+                    .map(|x| format!("{x:.2}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
     }
 
     if run("latency") {
@@ -715,17 +771,6 @@ pub async fn run(url: &str, args: BenchArgs) -> anyhow::Result<()> {
         );
     }
 
-    if run("pgbench") {
-        eprintln!("raw SQL through pgbench ...");
-        let raw = raw_sql(url, &args, &dir).await?;
-        println!(
-            "raw SQL (pgbench, {} clients: admit + claim + complete)  {raw:>9.0} tasks/s",
-            args.pgbench_clients
-        );
-        for (w, rate) in &e2e {
-            println!("  engine with {w} worker(s) / raw SQL = {:.2}", rate / raw);
-        }
-    }
     if run("floor") {
         eprintln!("floor: the lifecycle as bulk statements ...");
         let [full, lean] = floor(url, &args).await?;
