@@ -9,7 +9,8 @@
 //!    queued tasks, and one with 100,000 tasks blocked on an unfinished dependency; rounds
 //!    interleave across the three and each figure is a median.
 //! 4. The same lifecycle as raw SQL through `pgbench` on the same schema (admit, the engine's
-//!    own claim statement, complete), for the ratio engine / raw SQL.
+//!    own claim statement, complete with the same output and cost breakdown the mock provider
+//!    returns), for the ratio engine / raw SQL.
 //! 5. The floor: a task's four writes as four bulk statements on one connection, with and
 //!    without the seed's general-purpose `tasks` indexes. Microseconds per task per write, and
 //!    the ceiling they put on any fleet on this machine's cores.
@@ -85,6 +86,7 @@ const BENCH_CONFIG: &str = r#"
 concurrency = 1024
 claim_batch = 256
 complete_batch = 1000
+result_writers = 1
 heartbeat_ms = 5000
 lease_seconds = 60
 poll_interval_ms = 200
@@ -501,10 +503,36 @@ const SEED_TASK_INDEXES: [&str; 17] = [
     "idx_tasks_context_gin",
 ];
 
-/// The floor's three updates (admit, claim with its reservation, complete), each one bulk
-/// statement over every task; the insert before them is `insert_tasks`, as in the other
-/// scenarios.
-const FLOOR_UPDATES: [&str; 3] = [
+/// What completing a task writes, as SQL `SET` items over the row's own `input`: the mock
+/// provider's output and cost breakdown for that prompt, the same shape and size the engine
+/// writes, so raw SQL and the floor write (and index) the same bytes as the engine does.
+fn mock_result_sets() -> String {
+    let tokens = "GREATEST((length(input ->> 'prompt') + 3) / 4, 1)";
+    format!(
+        "output = jsonb_build_object(
+             'text', '[mock:' || lpad(to_hex(hashtext(input ->> 'prompt')), 8, '0')
+                     || '] A considered answer to \"' || left(input ->> 'prompt', 60) || '\".',
+             'usage', jsonb_build_object('prompt_tokens', {tokens},
+                                         'completion_tokens', 16 + {tokens} / 2,
+                                         'total_tokens', {tokens} + 16 + {tokens} / 2)),
+         actual_cost = 1,
+         cost_breakdown = jsonb_build_object(
+             'provider', 'mock', 'model', 'mock-1', 'prompt_tokens', {tokens},
+             'completion_tokens', 16 + {tokens} / 2, 'credits', 1,
+             'rule', '1 credit + 1 per 1000 tokens'),
+         processing_time_ms = 0,
+         ai_provider = 'mock',
+         ai_model = 'mock-1',
+         completed_at = now(),
+         lease_token = NULL,
+         lease_expires_at = NULL"
+    )
+}
+
+/// The floor's first two updates (admit, claim with its reservation), each one bulk statement
+/// over every task; the insert before them is `insert_tasks`, as in the other scenarios, and
+/// the completion after them writes `mock_result_sets`.
+const FLOOR_UPDATES: [&str; 2] = [
     "UPDATE tasks
             SET status = 'queued',
                 deps_remaining = 0
@@ -525,20 +553,6 @@ const FLOOR_UPDATES: [&str; 3] = [
             SET credits_reserved = w.credits_reserved + c.n
            FROM (SELECT workspace_id, count(*)::int AS n FROM claimed GROUP BY workspace_id) c
           WHERE w.id = c.workspace_id",
-    "UPDATE tasks
-            SET status = 'completed',
-                output = jsonb_build_object(
-                           'text', 'mock reply to ' || id,
-                           'usage', jsonb_build_object('prompt_tokens', 4, 'completion_tokens', 12)),
-                actual_cost = 1,
-                cost_breakdown = '{\"credits\": 1}',
-                processing_time_ms = 0,
-                ai_provider = 'mock',
-                ai_model = 'mock-1',
-                completed_at = now(),
-                lease_token = NULL,
-                lease_expires_at = NULL
-          WHERE status = 'processing'",
 ];
 
 /// The four writes of a task's life as four bulk statements (insert, admit, claim with its
@@ -563,9 +577,20 @@ async fn floor_round(url: &str, n: i64, seed_indexes: bool) -> anyhow::Result<[f
     let t = Instant::now();
     insert_tasks(&pool, n, "pending", None).await?;
     phases[0] = per_task(t);
-    for (phase, sql) in phases[1..].iter_mut().zip(FLOOR_UPDATES) {
+    let complete = format!(
+        "UPDATE tasks SET status = 'completed', {} WHERE status = 'processing'",
+        mock_result_sets()
+    );
+    let updates = [
+        FLOOR_UPDATES[0].to_string(),
+        FLOOR_UPDATES[1].to_string(),
+        complete,
+    ];
+    for (phase, sql) in phases[1..].iter_mut().zip(updates) {
         let t = Instant::now();
-        sqlx::query(sql).execute(&mut *conn).await?;
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&mut *conn)
+            .await?;
         *phase = per_task(t);
     }
 
@@ -613,14 +638,13 @@ fn pgbench_script(batch: i64) -> String {
         claim = one_line(&claim),
         lock_tasks = one_line(
             "SELECT id FROM tasks WHERE status = 'processing' AND locked_by = 'pgbench-' || :client_id
-             ORDER BY id FOR UPDATE"
+             ORDER BY id FOR NO KEY UPDATE"
         ),
-        complete = one_line(
-            "UPDATE tasks SET status = 'completed', output = '{\"text\": \"raw\"}', actual_cost = 1,
-               cost_breakdown = '{\"credits\": 1}', processing_time_ms = 0, ai_provider = 'mock',
-               ai_model = 'mock-1', completed_at = now(), lease_token = NULL, lease_expires_at = NULL
-             WHERE status = 'processing' AND locked_by = 'pgbench-' || :client_id"
-        ),
+        complete = one_line(&format!(
+            "UPDATE tasks SET status = 'completed', {}
+              WHERE status = 'processing' AND locked_by = 'pgbench-' || :client_id",
+            mock_result_sets()
+        )),
     )
 }
 
