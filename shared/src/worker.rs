@@ -120,17 +120,82 @@ impl Worker {
             Duration::from_millis(wc.heartbeat_ms),
             background.clone(),
         ));
-        let writer = tokio::spawn(write_results(
-            self.pool.clone(),
-            results_rx,
-            running.clone(),
-            stats.clone(),
-            wc.complete_batch,
-            wc.lease(),
-        ));
+        // Several writers share one queue of results: each takes what is waiting (up to a
+        // batch) and writes it while the next writer gathers the following batch.
+        let results_rx = Arc::new(tokio::sync::Mutex::new(results_rx));
+        let writers: Vec<_> = (0..wc.result_writers)
+            .map(|_| {
+                tokio::spawn(write_results(
+                    self.pool.clone(),
+                    results_rx.clone(),
+                    running.clone(),
+                    stats.clone(),
+                    wc.complete_batch,
+                    wc.lease(),
+                ))
+            })
+            .collect();
 
         tracing::info!(worker = %self.worker_id, concurrency = wc.concurrency,
                        types = ?wc.types, "worker started");
+        // One claim loop: several were measured and lost, because concurrent claims queue
+        // on the same workspace rows (their credit reservations); see the README.
+        self.claim_loop(&slots, &running, &wake, &stats, &results_tx, &shutdown)
+            .await;
+
+        // Drain: let running tasks finish within the grace period, then release the rest.
+        tracing::info!(worker = %self.worker_id, "shutting down: no new claims");
+        let grace = Duration::from_secs(wc.shutdown_grace_seconds);
+        let deadline = Instant::now() + grace;
+        while running_count(&running) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let leftovers: Vec<(Uuid, Uuid)> = match running.lock() {
+            Ok(map) => map
+                .iter()
+                .map(|(id, r)| {
+                    r.abort.cancel();
+                    (*id, r.lease_token)
+                })
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        if !leftovers.is_empty() {
+            match lifecycle::release(&self.pool, &leftovers).await {
+                Ok(n) => {
+                    tracing::info!(released = n, "released unfinished tasks to the queue");
+                    if let Ok(mut s) = stats.lock() {
+                        s.released += n;
+                    }
+                }
+                Err(e) => tracing::error!(error = %e,
+                    "could not release unfinished tasks; the scheduler will reclaim them when their leases expire"),
+            }
+        }
+        drop(results_tx);
+        for writer in writers {
+            let _ = writer.await;
+        }
+        background.cancel();
+        let _ = heart.await;
+        let _ = listener.await;
+        let stats = stats.lock().map(|s| s.clone()).unwrap_or_default();
+        tracing::info!(worker = %self.worker_id, ?stats, "worker stopped");
+        Ok(stats)
+    }
+
+    /// The claim loop: waits for free slots, claims up to that many tasks (at most a batch),
+    /// starts them, and sleeps until notified or a jittered poll when the queue runs dry.
+    async fn claim_loop(
+        &self,
+        slots: &Arc<Semaphore>,
+        running: &RunningMap,
+        wake: &Notify,
+        stats: &Mutex<WorkerStats>,
+        results_tx: &mpsc::UnboundedSender<Outcome>,
+        shutdown: &CancellationToken,
+    ) {
+        let wc = &self.config.worker;
         let mut failures_in_a_row = 0u32;
         loop {
             if shutdown.is_cancelled() {
@@ -178,7 +243,7 @@ impl Worker {
                 let Some(permit) = permits.split(1) else {
                     break;
                 };
-                self.start(task, permit, &running, &results_tx);
+                self.start(task, permit, running, results_tx);
             }
             drop(permits);
             if got < wanted {
@@ -191,44 +256,6 @@ impl Worker {
                 }
             }
         }
-
-        // Drain: let running tasks finish within the grace period, then release the rest.
-        tracing::info!(worker = %self.worker_id, "shutting down: no new claims");
-        let grace = Duration::from_secs(wc.shutdown_grace_seconds);
-        let deadline = Instant::now() + grace;
-        while running_count(&running) > 0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let leftovers: Vec<(Uuid, Uuid)> = match running.lock() {
-            Ok(map) => map
-                .iter()
-                .map(|(id, r)| {
-                    r.abort.cancel();
-                    (*id, r.lease_token)
-                })
-                .collect(),
-            Err(_) => Vec::new(),
-        };
-        if !leftovers.is_empty() {
-            match lifecycle::release(&self.pool, &leftovers).await {
-                Ok(n) => {
-                    tracing::info!(released = n, "released unfinished tasks to the queue");
-                    if let Ok(mut s) = stats.lock() {
-                        s.released += n;
-                    }
-                }
-                Err(e) => tracing::error!(error = %e,
-                    "could not release unfinished tasks; the scheduler will reclaim them when their leases expire"),
-            }
-        }
-        drop(results_tx);
-        let _ = writer.await;
-        background.cancel();
-        let _ = heart.await;
-        let _ = listener.await;
-        let stats = stats.lock().map(|s| s.clone()).unwrap_or_default();
-        tracing::info!(worker = %self.worker_id, ?stats, "worker stopped");
-        Ok(stats)
     }
 
     /// Spawns one attempt.
@@ -346,24 +373,31 @@ fn running_count(running: &RunningMap) -> usize {
     running.lock().map(|m| m.len()).unwrap_or(0)
 }
 
-/// Writes results in batches: whatever is waiting when the writer comes round goes in one
-/// transaction (at most `batch`). A database error keeps the results and retries them until
-/// their leases would have expired anyway; then they are dropped (the scheduler reclaims).
+/// One result writer: whatever is waiting when it comes round goes in one transaction (at
+/// most `batch`). Writers take turns at the shared queue, so their batches never overlap. A
+/// database error keeps the results and retries them until their leases would have expired
+/// anyway; then they are dropped (the scheduler reclaims).
 async fn write_results(
     pool: PgPool,
-    mut rx: mpsc::UnboundedReceiver<Outcome>,
+    rx: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Outcome>>>,
     running: RunningMap,
     stats: Arc<Mutex<WorkerStats>>,
     batch: usize,
     lease: Duration,
 ) {
     let mut buffer: Vec<Outcome> = Vec::with_capacity(batch);
-    while let Some(first) = rx.recv().await {
-        buffer.push(first);
-        while buffer.len() < batch {
-            match rx.try_recv() {
-                Ok(o) => buffer.push(o),
-                Err(_) => break,
+    loop {
+        {
+            let mut rx = rx.lock().await;
+            let Some(first) = rx.recv().await else {
+                return;
+            };
+            buffer.push(first);
+            while buffer.len() < batch {
+                match rx.try_recv() {
+                    Ok(o) => buffer.push(o),
+                    Err(_) => break,
+                }
             }
         }
         let mut completions = Vec::new();

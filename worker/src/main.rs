@@ -54,7 +54,9 @@ async fn main() -> anyhow::Result<()> {
         &url,
         &PoolSettings {
             application_name: format!("bizq-worker {worker_id}"),
-            max_connections: 6,
+            // One per result writer, plus the claim loop, the listener, the heartbeat and one
+            // spare for shutdown's release.
+            max_connections: (config.worker.result_writers + 4) as u32,
             dependency_failure: config.scheduler.dependency_failure,
         },
     )
