@@ -70,6 +70,12 @@ pub fn default_worker_id() -> String {
     format!("{host}:{}:{}", std::process::id(), &short[..8])
 }
 
+/// Connections one worker process uses at most: one per result writer, plus the claim loop,
+/// the listener, the heartbeat and one spare for shutdown's release.
+pub fn connections_needed(config: &crate::config::WorkerConfig) -> u32 {
+    (config.result_writers + 4) as u32
+}
+
 /// One worker process.
 pub struct Worker {
     pool: PgPool,

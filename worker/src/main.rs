@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use bizq::db::{self, PoolSettings};
-use bizq::worker::{Worker, default_worker_id};
+use bizq::worker::{Worker, connections_needed, default_worker_id};
 use clap::Parser;
 
 /// Claims queued BizQ tasks by priority, runs them, and writes results back.
@@ -54,9 +54,7 @@ async fn main() -> anyhow::Result<()> {
         &url,
         &PoolSettings {
             application_name: format!("bizq-worker {worker_id}"),
-            // One per result writer, plus the claim loop, the listener, the heartbeat and one
-            // spare for shutdown's release.
-            max_connections: (config.worker.result_writers + 4) as u32,
+            max_connections: connections_needed(&config.worker),
             dependency_failure: config.scheduler.dependency_failure,
         },
     )
