@@ -503,13 +503,16 @@ const SEED_TASK_INDEXES: [&str; 17] = [
     "idx_tasks_context_gin",
 ];
 
-/// What completing a task writes, as SQL `SET` items over the row's own `input`: the mock
-/// provider's output and cost breakdown for that prompt, the same shape and size the engine
-/// writes, so raw SQL and the floor write (and index) the same bytes as the engine does.
-fn mock_result_sets() -> String {
+/// Completes the `processing` tasks that `and_filter` (an SQL `AND …`, or empty) selects,
+/// writing what the engine writes for them: the mock provider's output and cost breakdown for
+/// each row's own prompt, the same shape and size, so raw SQL and the floor write (and index)
+/// the same bytes as the engine does.
+fn complete_like_the_mock(and_filter: &str) -> String {
     let tokens = "GREATEST((length(input ->> 'prompt') + 3) / 4, 1)";
     format!(
-        "output = jsonb_build_object(
+        "UPDATE tasks
+            SET status = 'completed',
+                output = jsonb_build_object(
              'text', '[mock:' || lpad(to_hex(hashtext(input ->> 'prompt')), 8, '0')
                      || '] A considered answer to \"' || left(input ->> 'prompt', 60) || '\".',
              'usage', jsonb_build_object('prompt_tokens', {tokens},
@@ -525,13 +528,14 @@ fn mock_result_sets() -> String {
          ai_model = 'mock-1',
          completed_at = now(),
          lease_token = NULL,
-         lease_expires_at = NULL"
+         lease_expires_at = NULL
+          WHERE status = 'processing' {and_filter}"
     )
 }
 
 /// The floor's first two updates (admit, claim with its reservation), each one bulk statement
 /// over every task; the insert before them is `insert_tasks`, as in the other scenarios, and
-/// the completion after them writes `mock_result_sets`.
+/// the completion after them is `complete_like_the_mock`.
 const FLOOR_UPDATES: [&str; 2] = [
     "UPDATE tasks
             SET status = 'queued',
@@ -577,14 +581,10 @@ async fn floor_round(url: &str, n: i64, seed_indexes: bool) -> anyhow::Result<[f
     let t = Instant::now();
     insert_tasks(&pool, n, "pending", None).await?;
     phases[0] = per_task(t);
-    let complete = format!(
-        "UPDATE tasks SET status = 'completed', {} WHERE status = 'processing'",
-        mock_result_sets()
-    );
     let updates = [
         FLOOR_UPDATES[0].to_string(),
         FLOOR_UPDATES[1].to_string(),
-        complete,
+        complete_like_the_mock(""),
     ];
     for (phase, sql) in phases[1..].iter_mut().zip(updates) {
         let t = Instant::now();
@@ -640,10 +640,8 @@ fn pgbench_script(batch: i64) -> String {
             "SELECT id FROM tasks WHERE status = 'processing' AND locked_by = 'pgbench-' || :client_id
              ORDER BY id FOR NO KEY UPDATE"
         ),
-        complete = one_line(&format!(
-            "UPDATE tasks SET status = 'completed', {}
-              WHERE status = 'processing' AND locked_by = 'pgbench-' || :client_id",
-            mock_result_sets()
+        complete = one_line(&complete_like_the_mock(
+            "AND locked_by = 'pgbench-' || :client_id"
         )),
     )
 }
