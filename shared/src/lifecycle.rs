@@ -686,6 +686,25 @@ pub async fn heartbeat(
     Ok(held)
 }
 
+/// **Lease check** (worker): whether this worker still holds `id` under `lease_token`. A
+/// `bizq_cancel` notification is only a hint (anyone may `pg_notify` that channel): the
+/// worker aborts a run only when this says the lease is gone.
+pub async fn lease_is_held(pool: &PgPool, id: Uuid, lease_token: Uuid) -> Result<bool> {
+    let held = sqlx::query_scalar(
+        "SELECT EXISTS (
+                SELECT 1
+                  FROM tasks
+                 WHERE id = $1
+                   AND lease_token = $2
+                   AND status = 'processing')",
+    )
+    .bind(id)
+    .bind(lease_token)
+    .fetch_one(pool)
+    .await?;
+    Ok(held)
+}
+
 /// A finished attempt's result.
 #[derive(Debug, Clone)]
 pub struct Completion {
@@ -998,7 +1017,7 @@ async fn lock_status(
 }
 
 /// **Retry** (admin): a failed, cancelled or escalated task starts over as `pending` with
-/// fresh attempts; the scheduler admits it again (dependencies are re-checked).
+/// fresh attempts and no error; the scheduler admits it again (dependencies are re-checked).
 pub async fn retry(pool: &PgPool, id: Uuid) -> Result<String> {
     let mut tx = pool.begin().await?;
     let status = lock_status(&mut tx, id, "retry", &["failed", "cancelled", "escalated"]).await?;
@@ -1011,7 +1030,8 @@ pub async fn retry(pool: &PgPool, id: Uuid) -> Result<String> {
                 scheduled_for = NULL,
                 started_at = NULL,
                 completed_at = NULL,
-                output = NULL
+                output = NULL,
+                error_details = NULL
           WHERE id = $1",
     )
     .bind(id)

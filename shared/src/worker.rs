@@ -515,9 +515,12 @@ async fn heartbeat_loop(
     }
 }
 
-/// LISTEN for new work (wakes the claim loop) and for cancellations (aborts the task).
+/// LISTEN for new work (wakes the claim loop) and for cancellations. A cancel notification
+/// is a hint: anyone who can connect may `pg_notify('bizq_cancel', id)`, so the run is
+/// aborted only once the database confirms its lease is gone ([`lifecycle::lease_is_held`]).
 async fn listen(pool: PgPool, running: RunningMap, wake: Arc<Notify>, stop: CancellationToken) {
     let wake_on_work = wake.clone();
+    let check_pool = pool.clone();
     crate::listen::listen(
         pool,
         &[CHANNEL_QUEUED, CHANNEL_CANCEL],
@@ -526,13 +529,32 @@ async fn listen(pool: PgPool, running: RunningMap, wake: Arc<Notify>, stop: Canc
         move |n| {
             if n.channel() != CHANNEL_CANCEL {
                 wake_on_work.notify_one();
-            } else if let Ok(id) = n.payload().parse::<Uuid>()
-                && let Ok(map) = running.lock()
-                && let Some(r) = map.get(&id)
-            {
-                tracing::info!(task = %id, "cancelled by an admin: aborting");
-                r.abort.cancel();
+                return;
             }
+            let Ok(id) = n.payload().parse::<Uuid>() else {
+                return;
+            };
+            let Some((token, abort)) = running
+                .lock()
+                .ok()
+                .and_then(|map| map.get(&id).map(|r| (r.lease_token, r.abort.clone())))
+            else {
+                return;
+            };
+            let pool = check_pool.clone();
+            tokio::spawn(async move {
+                match lifecycle::lease_is_held(&pool, id, token).await {
+                    Ok(false) => {
+                        tracing::info!(task = %id, "cancelled by an admin: aborting");
+                        abort.cancel();
+                    }
+                    Ok(true) => tracing::warn!(task = %id,
+                        "cancel notification for a task whose lease is still held: ignored"),
+                    // The heartbeat checks every lease again shortly.
+                    Err(e) => tracing::warn!(task = %id, error = %e,
+                        "could not check a cancel notification; the heartbeat will"),
+                }
+            });
         },
     )
     .await

@@ -1,3 +1,4 @@
 //! Test support.
+pub mod audit;
 pub mod engine;
 pub mod schema_support;

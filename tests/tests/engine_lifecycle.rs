@@ -234,50 +234,53 @@ async fn reclaim_fails_a_task_on_its_last_attempt(pool: PgPool) -> anyhow::Resul
     Ok(())
 }
 
+/// Pins the backoff: each transient failure sends the task back to `pending` with
+/// `scheduled_for = now() + retry::delay(...)`, growing by `retry.factor` up to `retry.max_ms`,
+/// and the last attempt fails with the details. The delays are read from the audit trigger
+/// after the run (exactly what the engine wrote), not sampled from a live window.
 #[sqlx::test(migrations = "../migrations")]
 async fn transient_errors_retry_with_backoff_then_fail_with_details(
     pool: PgPool,
 ) -> anyhow::Result<()> {
     let config = config_with(&[
         ("providers.mock.failure_rate", "1.0"),
-        ("retry.base_ms", "300"),
+        ("retry.base_ms", "100"),
+        ("retry.max_ms", "300"),
+        ("retry.factor", "2.0"),
         ("retry.jitter", "false"),
     ]);
+    bizq_tests::audit::install(&pool).await?;
     let ws = workspace(&pool, 100).await?;
-    let id = generate(&pool, ws, "always fails", 5, &[]).await?;
+    let mut t = NewTask::generate(ws, "always fails");
+    t.max_attempts = Some(5);
+    let id = lifecycle::enqueue(&pool, &t).await?;
     let engine = engine_pool(&pool, &config).await?;
     let fleet = InProcessFleet::start(&engine, &config, 1, 1);
-    // After the first failure the task waits in pending with a backoff.
-    wait_for(
-        &pool,
-        "SELECT attempt = 1 AND status = 'pending' FROM tasks",
-        T,
-    )
-    .await?;
-    let wait_ms: f64 = sqlx::query_scalar(
-        "SELECT EXTRACT(EPOCH FROM scheduled_for - now())::float8 * 1000 FROM tasks",
-    )
-    .fetch_one(&pool)
-    .await?;
-    assert!(
-        wait_ms > 100.0 && wait_ms <= 300.0,
-        "backoff of ~300 ms, got {wait_ms}"
-    );
     wait_for(&pool, "SELECT status = 'failed' FROM tasks", T).await?;
     fleet.shutdown().await?;
+    let delays: Vec<i64> = bizq_tests::audit::retry_delays(&pool, id)
+        .await?
+        .into_iter()
+        .map(|d| d.round() as i64)
+        .collect();
+    assert_eq!(
+        delays,
+        vec![100, 200, 300, 300],
+        "exponential backoff (factor 2 from 100 ms), capped at 300 ms"
+    );
     let details: serde_json::Value =
         sqlx::query_scalar("SELECT error_details FROM tasks WHERE id = $1")
             .bind(id)
             .fetch_one(&pool)
             .await?;
     assert_eq!(details["code"], "provider_unavailable");
-    assert_eq!(details["attempt"], 3);
+    assert_eq!(details["attempt"], 5);
     assert_eq!(details["http_status"], 503);
     assert!(
         details["message"]
             .as_str()
             .unwrap_or("")
-            .contains("gave up after 3 attempts"),
+            .contains("gave up after 5 attempts"),
         "{details}"
     );
     assert!(details["body_excerpt"].as_str().is_some());
@@ -297,32 +300,33 @@ async fn a_429_retry_after_wins_over_the_backoff(pool: PgPool) -> anyhow::Result
         ("retry.max_ms", "60000"),
         ("retry.jitter", "false"),
     ]);
+    bizq_tests::audit::install(&pool).await?;
     let ws = workspace(&pool, 100).await?;
     let id = generate(&pool, ws, "[slow] rate limited once", 5, &[]).await?;
     let engine = engine_pool(&pool, &config).await?;
     let fleet = InProcessFleet::start(&engine, &config, 1, 1);
-    wait_for(
-        &pool,
-        "SELECT attempt = 1 AND status = 'pending' FROM tasks",
-        T,
-    )
-    .await?;
-    // The provider's Retry-After (1.5 s), not the computed backoff (50 ms), sets the wait.
-    let (wait_ms, code, http): (f64, String, i32) = sqlx::query_as(
-        "SELECT EXTRACT(EPOCH FROM scheduled_for - now())::float8 * 1000,
-                error_details ->> 'code', (error_details ->> 'http_status')::int
-           FROM tasks WHERE id = $1",
+    wait_for(&pool, "SELECT status = 'completed' FROM tasks", T).await?;
+    fleet.shutdown().await?;
+    // The provider's Retry-After (1.5 s), not the computed backoff (50 ms), set the wait.
+    let history = bizq_tests::audit::history(&pool, id).await?;
+    let waits: Vec<(i64, Option<&str>)> = history
+        .iter()
+        .filter(|t| t.old_status.as_deref() == Some("processing") && t.new_status == "pending")
+        .map(|t| {
+            (
+                t.delay_ms.unwrap_or(-1.0).round() as i64,
+                t.error_code.as_deref(),
+            )
+        })
+        .collect();
+    assert_eq!(waits, vec![(1500, Some("rate_limited"))], "{history:?}");
+    let http: Option<i32> = sqlx::query_scalar(
+        "SELECT (error_details ->> 'http_status')::int FROM tasks WHERE id = $1",
     )
     .bind(id)
     .fetch_one(&pool)
     .await?;
-    assert!(
-        wait_ms > 1000.0 && wait_ms <= 1500.0,
-        "Retry-After of 1500 ms, got {wait_ms}"
-    );
-    assert_eq!((code.as_str(), http), ("rate_limited", 429));
-    wait_for(&pool, "SELECT status = 'completed' FROM tasks", T).await?;
-    fleet.shutdown().await?;
+    assert_eq!(http, Some(429));
     let (attempt, cost): (i32, i32) =
         sqlx::query_as("SELECT attempt, actual_cost FROM tasks WHERE id = $1")
             .bind(id)
@@ -602,7 +606,6 @@ async fn cancel_pending_queued_and_running_tasks(pool: PgPool) -> anyhow::Result
 
     assert_eq!(lifecycle::cancel(&pool, pending, "test").await?, "pending");
     assert_eq!(lifecycle::cancel(&pool, queued, "test").await?, "queued");
-    let started = std::time::Instant::now();
     assert_eq!(
         lifecycle::cancel(&pool, running, "test").await?,
         "processing"
@@ -611,19 +614,14 @@ async fn cancel_pending_queued_and_running_tasks(pool: PgPool) -> anyhow::Result
         lifecycle::cancel(&pool, running, "again").await.is_err(),
         "a cancelled task cannot be cancelled again"
     );
-    // The worker aborted the 20 s provider call at once: its only slot took the next task
-    // well within two seconds.
+    // The worker aborted the 20 s provider call: its only slot took the next task. (That
+    // the abort comes through NOTIFY, not the heartbeat, is pinned in engine_notify.rs.)
     wait_for(
         &pool,
         "SELECT status = 'processing' FROM tasks WHERE input ->> 'prompt' = 'next'",
-        Duration::from_secs(2),
+        T,
     )
     .await?;
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "took {:?}",
-        started.elapsed()
-    );
     assert_eq!(lifecycle::cancel(&pool, next, "test").await?, "processing");
     let stats = fleet.shutdown().await?;
     assert_eq!(stats[0].aborted, 2, "{stats:?}");
@@ -647,6 +645,7 @@ async fn a_workspace_out_of_credits_waits_and_resumes_when_topped_up(
     pool: PgPool,
 ) -> anyhow::Result<()> {
     let config = test_config();
+    bizq_tests::audit::install(&pool).await?;
     let ws = workspace(&pool, 2).await?;
     let mut ids = Vec::new();
     for i in 0..5 {
@@ -661,13 +660,6 @@ async fn a_workspace_out_of_credits_waits_and_resumes_when_topped_up(
     )
     .await?;
     wait_for(&pool, "SELECT count(*) = 3 FROM tasks WHERE status = 'pending' AND wait_reason = 'insufficient_credits'", T).await?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let (completed, failed): (i64, i64) = sqlx::query_as(
-        "SELECT count(*) FILTER (WHERE status = 'completed'), count(*) FILTER (WHERE status = 'failed') FROM tasks",
-    )
-    .fetch_one(&pool)
-    .await?;
-    assert_eq!((completed, failed), (2, 0), "the rest wait, none fail");
     sqlx::query("UPDATE workspaces SET credits_balance = 100 WHERE id = $1")
         .bind(ws)
         .execute(&pool)
@@ -681,6 +673,32 @@ async fn a_workspace_out_of_credits_waits_and_resumes_when_topped_up(
     fleet.shutdown().await?;
     let balance = credits(&pool, ws).await?.balance;
     assert_eq!(balance, 97);
+    // What the engine decided while the workspace could not pay, from the audit: three
+    // tasks were parked once each (no busy loop), none was claimed while parked or failed,
+    // and every task ran exactly once.
+    let mut parked = 0;
+    for id in &ids {
+        let history = bizq_tests::audit::history(&pool, *id).await?;
+        let parks = history
+            .iter()
+            .filter(|t| t.wait_reason.as_deref() == Some("insufficient_credits"))
+            .count();
+        let runs = history
+            .iter()
+            .filter(|t| t.new_status == "processing")
+            .count();
+        assert!(parks <= 1, "parked at most once: {history:?}");
+        assert_eq!(runs, 1, "claimed exactly once: {history:?}");
+        assert!(
+            history.iter().all(|t| t.new_status != "failed"),
+            "{history:?}"
+        );
+        parked += parks;
+    }
+    assert_eq!(
+        parked, 3,
+        "the three tasks the 2 credits could not pay for waited"
+    );
     Ok(())
 }
 
@@ -828,7 +846,7 @@ async fn admin_retry_starts_a_failed_task_over(pool: PgPool) -> anyhow::Result<(
 #[sqlx::test(migrations = "../migrations")]
 async fn a_handler_over_its_timeout_fails_the_attempt(pool: PgPool) -> anyhow::Result<()> {
     let config = config_with(&[
-        ("providers.mock.latency_ms", "5000"),
+        ("providers.mock.latency_ms", "60000"),
         ("worker.task_timeout_seconds", "1"),
     ]);
     let ws = workspace(&pool, 100).await?;
@@ -845,8 +863,8 @@ async fn a_handler_over_its_timeout_fails_the_attempt(pool: PgPool) -> anyhow::R
         .fetch_one(&pool)
         .await?;
     assert!(
-        (1000..3000).contains(&ms),
-        "stopped at the 1 s timeout, not the 5 s call: {ms} ms"
+        (1000..60_000).contains(&ms),
+        "stopped at the 1 s timeout, not at the end of the 60 s call: {ms} ms"
     );
     Ok(())
 }
@@ -858,7 +876,6 @@ async fn a_wrong_database_url_fails_fast_with_the_cause_and_no_password() -> any
         max_connections: 1,
         dependency_failure: Default::default(),
     };
-    let started = std::time::Instant::now();
     let err = bizq::db::connect(
         "postgres://someone:topsecret@127.0.0.1:1/nowhere",
         &settings,
@@ -870,11 +887,9 @@ async fn a_wrong_database_url_fails_fast_with_the_cause_and_no_password() -> any
         msg.contains("127.0.0.1:1/nowhere") && msg.contains("refused"),
         "{msg}"
     );
+    // "refused" is the real cause, reported at once: not the probe's "no answer within
+    // 10 s", nor a pool timeout.
+    assert!(!msg.contains("no answer"), "{msg}");
     assert!(!msg.contains("topsecret"), "{msg}");
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "took {:?}",
-        started.elapsed()
-    );
     Ok(())
 }
