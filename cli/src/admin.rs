@@ -1,6 +1,8 @@
-//! The admin commands: migrate, enqueue, list, inspect, stats.
+//! The admin commands: migrate, enqueue, list, inspect, retry, cancel, stats.
 
 use anyhow::{Context, bail};
+use bizq::Config;
+use bizq::config::DependencyFailurePolicy;
 use bizq::db::{self, PoolSettings};
 use bizq::lifecycle::{self, NewTask};
 use clap::Args;
@@ -8,13 +10,16 @@ use serde_json::Value;
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
-pub async fn pool(url: &str) -> anyhow::Result<PgPool> {
+/// Opens the CLI's pool with the fleet's `scheduler.dependency_failure`: cancelling a task
+/// here resolves its waiting dependents (by trigger, in this session) exactly as a failure in
+/// the fleet would.
+pub async fn pool(url: &str, config: &Config) -> anyhow::Result<PgPool> {
     let pool = db::connect(
         url,
         &PoolSettings {
             application_name: "bizq".into(),
             max_connections: 4,
-            dependency_failure: Default::default(),
+            dependency_failure: config.scheduler.dependency_failure,
         },
     )
     .await
@@ -22,8 +27,8 @@ pub async fn pool(url: &str) -> anyhow::Result<PgPool> {
     Ok(pool)
 }
 
-pub async fn migrate(url: &str) -> anyhow::Result<()> {
-    let pool = pool(url).await?;
+pub async fn migrate(url: &str, config: &Config) -> anyhow::Result<()> {
+    let pool = pool(url, config).await?;
     let before: i64 =
         sqlx::query_scalar("SELECT count(*) FROM pg_tables WHERE tablename = '_sqlx_migrations'")
             .fetch_one(&pool)
@@ -266,6 +271,45 @@ pub async fn inspect(pool: &PgPool, id: Uuid) -> anyhow::Result<()> {
             "{col}:\n{}",
             v.map_or("  -".to_string(), |v| serde_json::to_string_pretty(&v)
                 .unwrap_or_default())
+        );
+    }
+    Ok(())
+}
+
+/// `bizq retry`.
+pub async fn retry(pool: &PgPool, id: Uuid) -> anyhow::Result<()> {
+    let was = lifecycle::retry(pool, id).await?;
+    println!("task {id}: {was} -> pending, attempt 0 (the scheduler admits it again)");
+    Ok(())
+}
+
+/// `bizq cancel`. Says what the policy did to the dependents that were waiting for the task.
+pub async fn cancel(pool: &PgPool, config: &Config, id: Uuid, reason: &str) -> anyhow::Result<()> {
+    let was = lifecycle::cancel(pool, id, reason).await?;
+    println!("task {id}: {was} -> cancelled");
+    let policy = config.scheduler.dependency_failure;
+    let became = match policy {
+        DependencyFailurePolicy::Cancel => "cancelled",
+        DependencyFailurePolicy::Escalate => "escalated",
+    };
+    let dependents: i64 = sqlx::query_scalar(
+        "SELECT count(*)
+           FROM task_dependencies d
+           JOIN tasks c ON c.id = d.task_id
+          WHERE d.depends_on_id = $1
+            AND c.status = $2
+            AND c.error_details ->> 'code' = 'dependency_cancelled'
+            AND c.error_details ->> 'dependency' = $1::text",
+    )
+    .bind(id)
+    .bind(became)
+    .fetch_one(pool)
+    .await?;
+    if dependents > 0 {
+        println!(
+            "{dependents} dependent task(s) waiting for it {became} \
+             (scheduler.dependency_failure = \"{}\")",
+            policy.as_str()
         );
     }
     Ok(())

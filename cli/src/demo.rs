@@ -22,10 +22,6 @@ pub struct DemoArgs {
     /// Independent product-description tasks to enqueue besides the pipelines.
     #[arg(long, default_value_t = 40)]
     tasks: usize,
-    /// Config for the scheduler and workers (default: the built-in demo config, mock provider
-    /// with 150 ms latency and 10% transient failures).
-    #[arg(long)]
-    config: Option<std::path::PathBuf>,
     /// Give up waiting after this many seconds.
     #[arg(long, default_value_t = 120)]
     timeout: u64,
@@ -216,9 +212,20 @@ fn line(m: &BTreeMap<String, i64>) -> String {
     .join(" | ")
 }
 
-pub async fn run(url: &str, args: DemoArgs) -> anyhow::Result<()> {
-    admin::migrate(url).await?;
-    let pool = admin::pool(url).await?;
+/// Runs the demo. Its scheduler and workers use `fleet_config` (bizq's global `--config`) if
+/// given, else the built-in demo config: the mock provider with 150 ms latency and 10%
+/// transient failures.
+pub async fn run(
+    url: &str,
+    fleet_config: Option<&std::path::Path>,
+    args: DemoArgs,
+) -> anyhow::Result<()> {
+    let config = match fleet_config {
+        Some(p) => bizq::Config::from_file(p)?,
+        None => bizq::Config::from_toml(DEMO_CONFIG)?,
+    };
+    admin::migrate(url, &config).await?;
+    let pool = admin::pool(url, &config).await?;
     let ws = seed_workspace(&pool).await?;
     let balance_before: i32 =
         sqlx::query_scalar("SELECT credits_balance FROM workspaces WHERE id = $1")
@@ -233,8 +240,8 @@ pub async fn run(url: &str, args: DemoArgs) -> anyhow::Result<()> {
 
     let dir = std::env::temp_dir().join(format!("bizq-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let config_path = match &args.config {
-        Some(p) => p.clone(),
+    let config_path = match fleet_config {
+        Some(p) => p.to_path_buf(),
         None => {
             let p = dir.join("demo.toml");
             std::fs::write(&p, DEMO_CONFIG)?;

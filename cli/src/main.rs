@@ -7,20 +7,30 @@ mod demo;
 mod fleet;
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// BizQ: a multi-tenant task queue on PostgreSQL.
 ///
 /// Every command reads the database from --database-url or $DATABASE_URL
-/// (`scripts/db.sh url` prints one for a private local PostgreSQL).
+/// (`scripts/db.sh url` prints one for a private local PostgreSQL), and the same TOML config
+/// as bizq-scheduler and bizq-worker from --config or $BIZQ_CONFIG (else built-in defaults).
+/// Give bizq the fleet's config: `bizq cancel` resolves the dependents of the task it cancels
+/// by `scheduler.dependency_failure` — cancelled (the default) or escalated ("escalate").
 #[derive(Parser, Debug)]
 #[command(name = "bizq", version, propagate_version = true)]
 struct Cli {
     /// PostgreSQL URL (default: $DATABASE_URL).
     #[arg(long, global = true, env = "DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
+    /// TOML config file, the fleet's (default: $BIZQ_CONFIG, else built-in defaults; see
+    /// config/bizq.toml). Its scheduler.dependency_failure decides what `bizq cancel` does to
+    /// dependents. `bizq demo` uses it for its fleet only when given as a flag.
+    #[arg(long, short, global = true, env = "BIZQ_CONFIG")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -38,13 +48,16 @@ enum Command {
         /// Task id.
         id: uuid::Uuid,
     },
-    /// Start a failed, cancelled or escalated task over with fresh attempts.
+    /// Start a failed, cancelled or escalated task over: pending, attempt 0, no error.
     Retry {
         /// Task id.
         id: uuid::Uuid,
     },
     /// Cancel a pending, queued, processing or escalated task (a running one is aborted
     /// within about a second and charged nothing).
+    ///
+    /// Dependents waiting for it are cancelled, transitively, or escalated for a person when
+    /// the config (--config / $BIZQ_CONFIG) says scheduler.dependency_failure = "escalate".
     Cancel {
         /// Task id.
         id: uuid::Uuid,
@@ -56,13 +69,17 @@ enum Command {
     Stats,
     /// Run the local demo: seed workspace, a batch of tasks with priorities and dependencies,
     /// one scheduler and two workers as child processes, then a summary.
+    ///
+    /// The fleet runs with the built-in demo config (mock provider, 150 ms latency, 10%
+    /// transient failures), or with --config when given as a flag ($BIZQ_CONFIG alone does not
+    /// replace it).
     Demo(demo::DemoArgs),
     /// Measure throughput and latency against raw SQL through pgbench (see README).
     Bench(bench::BenchArgs),
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -70,7 +87,22 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let config_flag = matches.value_source("config") == Some(ValueSource::CommandLine);
+    let result = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => run(cli, config_flag).await,
+        Err(e) => e.exit(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bizq: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli, config_flag: bool) -> anyhow::Result<()> {
     if let Command::Bench(a) = &cli.command
         && let Some(script) = bench::requested_script(a)
     {
@@ -79,26 +111,23 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let url = bizq::config::database_url(cli.database_url)?;
+    let config = || bizq::Config::load(cli.config.as_deref());
     match cli.command {
-        Command::Migrate => admin::migrate(&url).await,
-        Command::Enqueue(a) => admin::enqueue(&admin::pool(&url).await?, a).await,
-        Command::List(a) => admin::list(&admin::pool(&url).await?, a).await,
-        Command::Inspect { id } => admin::inspect(&admin::pool(&url).await?, id).await,
-        Command::Retry { id } => {
-            let was = bizq::lifecycle::retry(&admin::pool(&url).await?, id).await?;
-            println!("task {id}: {was} -> pending (the scheduler admits it again)");
-            Ok(())
-        }
+        Command::Migrate => admin::migrate(&url, &config()?).await,
+        Command::Enqueue(a) => admin::enqueue(&admin::pool(&url, &config()?).await?, a).await,
+        Command::List(a) => admin::list(&admin::pool(&url, &config()?).await?, a).await,
+        Command::Inspect { id } => admin::inspect(&admin::pool(&url, &config()?).await?, id).await,
+        Command::Retry { id } => admin::retry(&admin::pool(&url, &config()?).await?, id).await,
         Command::Cancel { id, reason } => {
-            let was = bizq::lifecycle::cancel(&admin::pool(&url).await?, id, &reason).await?;
-            println!("task {id}: {was} -> cancelled");
-            Ok(())
+            let config = config()?;
+            admin::cancel(&admin::pool(&url, &config).await?, &config, id, &reason).await
         }
-        Command::Stats => admin::stats(&admin::pool(&url).await?).await,
-        Command::Demo(a) => demo::run(&url, a).await,
+        Command::Stats => admin::stats(&admin::pool(&url, &config()?).await?).await,
+        // Only a --config typed on the command line replaces the demo's own config.
+        Command::Demo(a) => demo::run(&url, cli.config.as_deref().filter(|_| config_flag), a).await,
+        // The benchmark writes its own config for the fleets it starts.
         Command::Bench(a) => bench::run(&url, a).await,
     }
-    .with_context(|| "bizq failed".to_string())
 }
 
 /// Directory holding the `bizq-worker` and `bizq-scheduler` binaries: the one `bizq` runs from.
