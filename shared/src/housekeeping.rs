@@ -78,7 +78,7 @@ async fn run_locked(
         partitions_created: ensure_partitions(&mut *conn, config.partitions_ahead).await?,
         ..Default::default()
     };
-    report.workspaces_reset = reset_monthly_credits(&mut *conn).await?;
+    report.workspaces_reset = reset_monthly_credits(&mut *conn, None).await?;
     report.edges_deleted = sqlx::query(
         "DELETE FROM task_dependencies d
           USING tasks t
@@ -128,22 +128,36 @@ pub async fn ensure_partitions(conn: &mut sqlx::PgConnection, months_ahead: i32)
 }
 
 /// Resets `credits_used_this_month` for every workspace whose month (in its own timezone)
-/// has turned since its last reset.
-pub async fn reset_monthly_credits(conn: &mut sqlx::PgConnection) -> Result<u64> {
+/// has turned since its last reset, as of the instant `at` (`None`: the database's `now()`,
+/// which is what the scheduler passes; tests pass fixed instants around month boundaries).
+/// A timezone name the database no longer knows counts as UTC instead of failing the whole
+/// statement.
+pub async fn reset_monthly_credits(
+    conn: &mut sqlx::PgConnection,
+    at: Option<chrono::DateTime<chrono::Utc>>,
+) -> Result<u64> {
     let done = sqlx::query(
         "WITH due AS (
-             SELECT id
-               FROM workspaces
-              WHERE credits_month_start < bizq_month_start(timezone)
-              ORDER BY id
-                FOR NO KEY UPDATE
+             SELECT w.id, m.month_start
+               FROM workspaces w
+              CROSS JOIN LATERAL (
+                    SELECT (date_trunc('month',
+                                       COALESCE($1::timestamptz, now())
+                                         AT TIME ZONE CASE WHEN is_valid_timezone(w.timezone)
+                                                           THEN w.timezone
+                                                           ELSE 'UTC' END))::date AS month_start
+                    ) m
+              WHERE w.credits_month_start < m.month_start
+              ORDER BY w.id
+                FOR NO KEY UPDATE OF w
          )
          UPDATE workspaces w
             SET credits_used_this_month = 0,
-                credits_month_start = bizq_month_start(w.timezone)
+                credits_month_start = due.month_start
            FROM due
           WHERE w.id = due.id",
     )
+    .bind(at)
     .execute(conn)
     .await?;
     Ok(done.rows_affected())

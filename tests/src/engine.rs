@@ -132,7 +132,13 @@ pub async fn wait_for(pool: &PgPool, sql: &'static str, timeout: Duration) -> an
     }
 }
 
-/// Schedulers and workers running as tasks of the test's own runtime.
+/// Connections the `bizq-scheduler` binary opens (scheduler/src/main.rs).
+pub const SCHEDULER_CONNECTIONS: u32 = 4;
+
+/// Schedulers and workers running as tasks of the test's own runtime. Each opens its own
+/// pool, sized as its binary sizes it (`bizq::worker::connections_needed` for a worker,
+/// [`SCHEDULER_CONNECTIONS`] for a scheduler), so a fleet that needs more connections than a
+/// deployed process has fails here too.
 pub struct InProcessFleet {
     pub stop: CancellationToken,
     schedulers: Vec<JoinHandle<bizq::Result<SchedulerStats>>>,
@@ -140,17 +146,39 @@ pub struct InProcessFleet {
 }
 
 impl InProcessFleet {
+    /// Starts the fleet on the database `pool` is connected to, with the dependency-failure
+    /// policy of `config` (as the binaries do). Each member connects as it starts.
     pub fn start(pool: &PgPool, config: &Config, schedulers: usize, workers: usize) -> Self {
         let stop = CancellationToken::new();
+        let url = url_of(pool);
+        let settings = |application_name: String, max_connections: u32| bizq::db::PoolSettings {
+            application_name,
+            max_connections,
+            dependency_failure: config.scheduler.dependency_failure,
+        };
         let schedulers = (0..schedulers)
-            .map(|_| tokio::spawn(Scheduler::new(pool.clone(), config.clone()).run(stop.clone())))
+            .map(|i| {
+                let (url, config, stop) = (url.clone(), config.clone(), stop.clone());
+                let settings = settings(format!("bizq-scheduler test-{i}"), SCHEDULER_CONNECTIONS);
+                tokio::spawn(async move {
+                    let pool = bizq::db::connect(&url, &settings).await?;
+                    Scheduler::new(pool, config).run(stop).await
+                })
+            })
             .collect();
         let workers = (0..workers)
             .map(|i| {
-                tokio::spawn(
-                    Worker::new(pool.clone(), config.clone(), format!("test-worker-{i}"))
-                        .run(stop.clone()),
-                )
+                let (url, config, stop) = (url.clone(), config.clone(), stop.clone());
+                let settings = settings(
+                    format!("bizq-worker test-worker-{i}"),
+                    bizq::worker::connections_needed(&config.worker),
+                );
+                tokio::spawn(async move {
+                    let pool = bizq::db::connect(&url, &settings).await?;
+                    Worker::new(pool, config, format!("test-worker-{i}"))
+                        .run(stop)
+                        .await
+                })
             })
             .collect();
         Self {
@@ -291,8 +319,10 @@ pub fn config_with(overrides: &[(&str, &str)]) -> Config {
     Config::from_toml(&config_toml(overrides)).expect("valid config")
 }
 
-/// A pool for an in-process fleet on the test's database, the way the binaries open one
-/// (more connections than the test pool, the dependency-failure policy set).
+/// A pool on the test's database opened the way the binaries open one (the dependency-failure
+/// policy of `config` set), for the test's own engine calls while a fleet runs.
+/// [`InProcessFleet::start`] takes it to find the database; the fleet's members open their
+/// own pools, sized as the binaries size theirs.
 pub async fn engine_pool(pool: &PgPool, config: &Config) -> anyhow::Result<PgPool> {
     Ok(bizq::db::connect(
         &url_of(pool),

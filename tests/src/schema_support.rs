@@ -238,6 +238,70 @@ pub fn insert_sql(table: &str, workspace: Uuid, product: Uuid) -> String {
     }
 }
 
+/// Inserts one more row of `table` (not `workspaces`) into `workspace` as the superuser, with
+/// [`insert_sql`]'s columns, and returns its id. Nothing references it, so a test may delete
+/// it or move it without a foreign key getting in the way.
+pub async fn fresh_row(pool: &PgPool, table: &str, workspace: Uuid, product: Uuid) -> Result<Uuid> {
+    assert_ne!(
+        table, "workspaces",
+        "a workspace is not a row of a workspace"
+    );
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT set_config('bizq.credentials_key', $1, true)")
+        .bind(CREDENTIALS_KEY)
+        .execute(&mut *tx)
+        .await?;
+    let sql = format!("{} RETURNING id", insert_sql(table, workspace, product));
+    let id = sqlx::query_scalar(AssertSqlSafe(sql))
+        .fetch_one(&mut *tx)
+        .await
+        .with_context(|| format!("insert a fresh {table} row"))?;
+    tx.commit().await?;
+    Ok(id)
+}
+
+/// An UPDATE moving row `id` of `table` (not `workspaces`) into workspace `to`, re-pointing
+/// every composite foreign key it has to rows of `to` (`to_rows` as from [`seed_rows`]), so
+/// that only row-level security can stop it. Meant for rows made by [`fresh_row`], which
+/// reference nothing else and are referenced by nothing.
+pub fn move_sql(table: &str, id: Uuid, to: Uuid, to_rows: &BTreeMap<&'static str, Uuid>) -> String {
+    format!("{} WHERE id = '{id}'", move_all_sql(table, to, to_rows))
+}
+
+/// [`move_sql`] without a WHERE clause: moves every row of `table` the role may update. As
+/// it reads no column of the table, PostgreSQL checks the new rows against the UPDATE
+/// policies' WITH CHECK only (a WHERE reading the table adds the SELECT policy's USING too).
+pub fn move_all_sql(table: &str, to: Uuid, to_rows: &BTreeMap<&'static str, Uuid>) -> String {
+    match table {
+        "product_variants" => format!(
+            "UPDATE product_variants SET workspace_id = '{to}', product_id = '{}'",
+            to_rows["products"]
+        ),
+        "workspaces" => panic!("a workspace cannot be moved into another"),
+        _ => format!("UPDATE {table} SET workspace_id = '{to}'"),
+    }
+}
+
+/// Asserts `result` is the row-level-security rejection of a new row (SQLSTATE 42501 and
+/// "new row violates row-level security policy"), not a privilege or trigger error that
+/// shares the SQLSTATE.
+pub fn expect_rls_violation<T: std::fmt::Debug>(result: Result<T, sqlx::Error>, what: &str) {
+    let message = expect_sqlstate(result, "42501", what);
+    assert!(
+        message.contains("new row violates row-level security policy"),
+        "{what}: rejected, but not by a row-level security policy: {message}"
+    );
+}
+
+/// Asserts `result` is a missing table privilege (SQLSTATE 42501, "permission denied").
+pub fn expect_permission_denied<T: std::fmt::Debug>(result: Result<T, sqlx::Error>, what: &str) {
+    let message = expect_sqlstate(result, "42501", what);
+    assert!(
+        message.contains("permission denied"),
+        "{what}: rejected, but not for lack of a privilege: {message}"
+    );
+}
+
 /// A harmless UPDATE of row `id` of `table` (touches no protected column).
 pub fn touch_sql(table: &str, id: Uuid) -> String {
     match table {

@@ -2,12 +2,65 @@
 //! workspace-scoped table.
 
 use bizq_tests::schema_support::{
-    TABLES, act_as, act_as_service, connect, count, create_tenant, exec, expect_sqlstate,
-    insert_sql, seed_rows, touch_sql, workspace_column,
+    TABLES, act_as, act_as_service, connect, count, create_tenant, exec, expect_permission_denied,
+    expect_rls_violation, expect_sqlstate, fresh_row, insert_sql, move_all_sql, move_sql,
+    seed_rows, touch_sql, workspace_column,
 };
 
 const INSUFFICIENT_PRIVILEGE: &str = "42501";
 
+/// Rows of `table` in workspace `ws`, counted by the superuser (the truth RLS filters).
+async fn rows_in(pool: &sqlx::PgPool, table: &str, ws: uuid::Uuid) -> anyhow::Result<i64> {
+    let col = workspace_column(table);
+    Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM {table} WHERE {col} = '{ws}'"
+    )))
+    .fetch_one(pool)
+    .await?)
+}
+
+/// Moves row `mover` of `table` (a row of `from`) into `to` with no WHERE clause, in a
+/// transaction on `conn` (which acts as a user of `from`) where the superuser first removed
+/// every other row of `from` in `table` except `keep` (the acting user's own row, for
+/// `users`), and then rolls everything back. Without a WHERE, PostgreSQL checks the new row
+/// against the UPDATE policy's WITH CHECK alone, so this result depends on that clause only.
+async fn move_alone(
+    conn: &mut sqlx::PgConnection,
+    table: &str,
+    mover: uuid::Uuid,
+    keep: uuid::Uuid,
+    from: uuid::Uuid,
+    to: uuid::Uuid,
+    to_rows: &std::collections::BTreeMap<&'static str, uuid::Uuid>,
+) -> anyhow::Result<Result<u64, sqlx::Error>> {
+    exec(conn, "BEGIN").await?;
+    exec(conn, "RESET ROLE").await?;
+    let removed = exec(
+        conn,
+        &format!(
+            "DELETE FROM {table} WHERE workspace_id = '{from}' AND id NOT IN ('{mover}', '{keep}')"
+        ),
+    )
+    .await;
+    exec(conn, "SET ROLE authenticated").await?;
+    let result = match removed {
+        Ok(_) => exec(conn, &move_all_sql(table, to, to_rows)).await,
+        Err(e) => Err(e),
+    };
+    exec(conn, "ROLLBACK").await?;
+    Ok(result)
+}
+
+/// The tenant matrix: for every workspace-scoped table and every role of tenant A (owner,
+/// admin, member, viewer), what it reads, inserts, updates, deletes and moves, in A and in B,
+/// with exact row counts. Pins the USING and WITH CHECK clauses of every policy of 0002 and
+/// the table privileges. Moving a row into B is set up so that every foreign key is satisfied
+/// (see `move_sql`) and the test expects exactly the RLS rejection ("new row violates
+/// row-level security policy", 42501). A move `WHERE id = …` is also checked against the
+/// SELECT policy (PostgreSQL applies it to the new row when the statement reads the table),
+/// so each move is repeated without a WHERE, alone in A's table (`move_alone`), where only
+/// the UPDATE policy's WITH CHECK can stop it. Workspaces are not moved: their tenant column
+/// is their primary key, which no role may update (no column privilege).
 #[sqlx::test(migrations = "../migrations")]
 async fn tenants_are_isolated_on_every_table(pool: sqlx::PgPool) -> anyhow::Result<()> {
     let a = create_tenant(&pool, "tenant-a").await?;
@@ -15,49 +68,80 @@ async fn tenants_are_isolated_on_every_table(pool: sqlx::PgPool) -> anyhow::Resu
     let rows_a = seed_rows(&pool, &a).await?;
     let rows_b = seed_rows(&pool, &b).await?;
     let mut conn = connect(&pool).await?;
+    let mut b_before = Vec::new();
+    for table in TABLES {
+        b_before.push(rows_in(&pool, table, b.id).await?);
+    }
 
     for table in TABLES {
         let col = workspace_column(table);
         let (row_a, row_b) = (rows_a[table], rows_b[table]);
+        let is_workspaces = table == "workspaces";
 
-        // The owner of A can see everything of A (including stores) ...
-        act_as(&mut conn, a.owner.auth_id).await?;
-        let own = count(
-            &mut conn,
-            &format!("SELECT count(*) FROM {table} WHERE {col} = '{}'", a.id),
-        )
-        .await?;
-        assert!(own >= 1, "{table}: owner of A sees none of A's rows");
-        // ... and none of B's, even when asking for them by id.
-        let foreign = count(
-            &mut conn,
-            &format!("SELECT count(*) FROM {table} WHERE {col} = '{}'", b.id),
-        )
-        .await?;
-        assert_eq!(foreign, 0, "{table}: owner of A sees B's rows");
-        let total = count(&mut conn, &format!("SELECT count(*) FROM {table}")).await?;
-        assert_eq!(total, own, "{table}: unfiltered read shows rows outside A");
+        // Owners and admins: everything of A (stores included), nothing of B.
+        for (who, auth) in [("owner", a.owner.auth_id), ("admin", a.admin.auth_id)] {
+            act_as(&mut conn, auth).await?;
+            let own = count(
+                &mut conn,
+                &format!("SELECT count(*) FROM {table} WHERE {col} = '{}'", a.id),
+            )
+            .await?;
+            assert_eq!(
+                own,
+                rows_in(&pool, table, a.id).await?,
+                "{table}: {who} of A sees all of A's rows"
+            );
+            let foreign = count(
+                &mut conn,
+                &format!("SELECT count(*) FROM {table} WHERE {col} = '{}'", b.id),
+            )
+            .await?;
+            assert_eq!(foreign, 0, "{table}: {who} of A sees B's rows");
+            let total = count(&mut conn, &format!("SELECT count(*) FROM {table}")).await?;
+            assert_eq!(
+                total, own,
+                "{table}: {who}'s unfiltered read shows rows outside A"
+            );
 
-        // Cannot insert into B.
-        let r = exec(&mut conn, &insert_sql(table, b.id, rows_b["products"])).await;
-        expect_sqlstate(
-            r,
-            INSUFFICIENT_PRIVILEGE,
-            &format!("{table}: owner of A inserts into B"),
-        );
+            // Inserts: never into B; into A everything but a workspace (a service operation).
+            let r = exec(&mut conn, &insert_sql(table, b.id, rows_b["products"])).await;
+            expect_sqlstate(
+                r,
+                INSUFFICIENT_PRIVILEGE,
+                &format!("{table}: {who} of A inserts into B"),
+            );
+            let r = exec(&mut conn, &insert_sql(table, a.id, rows_a["products"])).await;
+            if is_workspaces {
+                expect_permission_denied(r, &format!("{who} creates a workspace"));
+            } else {
+                assert_eq!(r?, 1, "{table}: {who} inserts into A");
+            }
 
-        // Cannot update or delete B's row (invisible: 0 rows), but can touch A's own row.
-        assert_eq!(
-            exec(&mut conn, &touch_sql(table, row_b)).await?,
-            0,
-            "{table}: A updated B's row"
-        );
-        assert_eq!(
-            exec(&mut conn, &touch_sql(table, row_a)).await?,
-            1,
-            "{table}: owner of A cannot update A's row"
-        );
-        if table != "workspaces" {
+            // Updates: A's row, not B's (invisible: 0 rows).
+            assert_eq!(
+                exec(&mut conn, &touch_sql(table, row_b)).await?,
+                0,
+                "{table}: {who} of A updated B's row"
+            );
+            assert_eq!(
+                exec(&mut conn, &touch_sql(table, row_a)).await?,
+                1,
+                "{table}: {who} of A cannot update A's row"
+            );
+
+            if is_workspaces {
+                // Deleting a workspace is a service operation: no DELETE privilege at all.
+                for ws in [a.id, b.id] {
+                    let r = exec(
+                        &mut conn,
+                        &format!("DELETE FROM workspaces WHERE id = '{ws}'"),
+                    )
+                    .await;
+                    expect_permission_denied(r, &format!("{who} deletes workspace {ws}"));
+                }
+                continue;
+            }
+            // Deletes: a row of A, never B's.
             assert_eq!(
                 exec(
                     &mut conn,
@@ -65,18 +149,33 @@ async fn tenants_are_isolated_on_every_table(pool: sqlx::PgPool) -> anyhow::Resu
                 )
                 .await?,
                 0,
-                "{table}: A deleted B's row"
+                "{table}: {who} of A deleted B's row"
             );
-            // Moving A's row into B is rejected by WITH CHECK.
-            let r = exec(
-                &mut conn,
-                &format!(
-                    "UPDATE {table} SET workspace_id = '{}' WHERE id = '{row_a}'",
-                    b.id
-                ),
-            )
-            .await;
-            assert!(r.is_err(), "{table}: A moved a row into B");
+            let doomed = fresh_row(&pool, table, a.id, rows_a["products"]).await?;
+            assert_eq!(
+                exec(
+                    &mut conn,
+                    &format!("DELETE FROM {table} WHERE id = '{doomed}'")
+                )
+                .await?,
+                1,
+                "{table}: {who} deletes a row of A"
+            );
+            // Moving a row of A into B (foreign keys satisfied) is an RLS violation: by id
+            // (WITH CHECK and the SELECT policy both apply), then alone (WITH CHECK only).
+            let mover = fresh_row(&pool, table, a.id, rows_a["products"]).await?;
+            let r = exec(&mut conn, &move_sql(table, mover, b.id, &rows_b)).await;
+            expect_rls_violation(r, &format!("{table}: {who} of A moves a row into B"));
+            let actor = if who == "owner" {
+                a.owner.user_id
+            } else {
+                a.admin.user_id
+            };
+            let r = move_alone(&mut conn, table, mover, actor, a.id, b.id, &rows_b).await?;
+            expect_rls_violation(
+                r,
+                &format!("{table}: {who} of A moves a row into B (WITH CHECK alone)"),
+            );
         }
 
         // A viewer of A reads A's data (except stores) but cannot change anything.
@@ -102,7 +201,7 @@ async fn tenants_are_isolated_on_every_table(pool: sqlx::PgPool) -> anyhow::Resu
             0,
             "{table}: viewer updated a row"
         );
-        if table != "workspaces" {
+        if !is_workspaces {
             assert_eq!(
                 exec(
                     &mut conn,
@@ -127,6 +226,109 @@ async fn tenants_are_isolated_on_every_table(pool: sqlx::PgPool) -> anyhow::Resu
             }
             _ => assert_eq!(r?, 1, "{table}: member cannot insert workspace data"),
         }
+        // Member updates: A's data, and its own profile (the seeded users row is the
+        // member's own); not A's settings or stores; nothing of B.
+        let expected_touch = match table {
+            "workspaces" | "stores" => 0,
+            _ => 1,
+        };
+        assert_eq!(
+            exec(&mut conn, &touch_sql(table, row_a)).await?,
+            expected_touch,
+            "{table}: member updates A's row"
+        );
+        assert_eq!(
+            exec(&mut conn, &touch_sql(table, row_b)).await?,
+            0,
+            "{table}: member of A updated B's row"
+        );
+        if is_workspaces {
+            for ws in [a.id, b.id] {
+                let r = exec(
+                    &mut conn,
+                    &format!("DELETE FROM workspaces WHERE id = '{ws}'"),
+                )
+                .await;
+                expect_permission_denied(r, &format!("member deletes workspace {ws}"));
+            }
+            continue;
+        }
+        // Member deletes: A's data, not users (another user's row) or stores; nothing of B.
+        let other = fresh_row(&pool, table, a.id, rows_a["products"]).await?;
+        assert_eq!(
+            exec(&mut conn, &touch_sql(table, other)).await?,
+            match table {
+                "users" | "stores" => 0, // another user's profile; stores are invisible
+                _ => 1,
+            },
+            "{table}: member updates another row of A"
+        );
+        let expected_delete = match table {
+            "users" | "stores" => 0,
+            _ => 1,
+        };
+        assert_eq!(
+            exec(
+                &mut conn,
+                &format!("DELETE FROM {table} WHERE id = '{other}'")
+            )
+            .await?,
+            expected_delete,
+            "{table}: member deletes a row of A"
+        );
+        assert_eq!(
+            exec(
+                &mut conn,
+                &format!("DELETE FROM {table} WHERE id = '{row_b}'")
+            )
+            .await?,
+            0,
+            "{table}: member of A deleted B's row"
+        );
+        // Member moves: rejected by WITH CHECK where the member may update at all; users and
+        // stores rows of others are not even visible to its UPDATE (0 rows).
+        let mover = fresh_row(&pool, table, a.id, rows_a["products"]).await?;
+        let r = exec(&mut conn, &move_sql(table, mover, b.id, &rows_b)).await;
+        match table {
+            "users" | "stores" => {
+                assert_eq!(r?, 0, "{table}: member moved a row it cannot update")
+            }
+            _ => {
+                expect_rls_violation(r, &format!("{table}: member of A moves a row into B"));
+                let r = move_alone(
+                    &mut conn,
+                    table,
+                    mover,
+                    a.member.user_id,
+                    a.id,
+                    b.id,
+                    &rows_b,
+                )
+                .await?;
+                expect_rls_violation(
+                    r,
+                    &format!("{table}: member of A moves a row into B (WITH CHECK alone)"),
+                );
+            }
+        }
+    }
+
+    // Nothing of B changed hands: B's seeded rows are all still B's, and B holds exactly the
+    // rows it was seeded with (every move into B was rejected).
+    for (table, before) in TABLES.into_iter().zip(b_before) {
+        assert_eq!(
+            rows_in(&pool, table, b.id).await?,
+            before,
+            "{table}: rows were added to or removed from B"
+        );
+        let col = workspace_column(table);
+        let still: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) FROM {table} WHERE id = '{}' AND {col} = '{}'",
+            rows_b[table], b.id
+        )))
+        .fetch_one(&pool)
+        .await?;
+        assert_eq!(still, 1, "{table}: B's row is intact");
     }
 
     // service_role (BYPASSRLS) sees the rows of both tenants in every table.
