@@ -5,7 +5,8 @@
 #   scripts/db.sh start   start (creating on first use) the private cluster and the `bizq` database
 #   scripts/db.sh stop    stop the private cluster
 #   scripts/db.sh status  say whether it runs, and where
-#   scripts/db.sh restart restart it (the tests use this to check that the fleet reconnects)
+#   scripts/db.sh restart restart it (the tests use this to check that the fleet reconnects);
+#                         exits 1 when there is no private cluster to restart
 #   scripts/db.sh destroy stop it and delete its data directory
 #
 # BIZQ_PG_DIR chooses another directory for the cluster (tests start throwaway ones).
@@ -147,6 +148,9 @@ case "$cmd" in
       esac
       exit 0
     done
-    log "no private cluster here" ;;
-  *) echo "usage: scripts/db.sh [url|start|stop|status|destroy]" >&2; exit 2 ;;
+    log "no private cluster here"
+    # Nothing was restarted: say so with the exit status, so a caller (the restart test)
+    # cannot mistake it for a restart. stop/destroy/status of nothing succeed, as before.
+    if [ "$cmd" = restart ]; then exit 1; fi ;;
+  *) echo "usage: scripts/db.sh [url|start|stop|status|restart|destroy]" >&2; exit 2 ;;
 esac

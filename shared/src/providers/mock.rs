@@ -19,12 +19,19 @@ impl MockProvider {
         Self { config }
     }
 
-    /// Deterministic in (task, attempt): the same attempt always fails or succeeds alike.
+    /// Deterministic in (task, attempt): the same attempt always fails or succeeds alike, and
+    /// a task's attempts fail independently of each other, each with `failure_rate`.
     fn fails_transiently(&self, request: &GenerateRequest) -> bool {
         if self.config.failure_rate <= 0.0 {
             return false;
         }
-        let h = fnv1a(format!("{}:{}", request.task_id, request.attempt).as_bytes());
+        // FNV-1a alone moves its value by a near-constant step when only the last byte (the
+        // attempt) changes, so a task's attempts were far from independent (at a 30% rate, not
+        // one task in 20,000 failed three in a row: retries could never run out). The
+        // finalizer spreads that byte over every bit.
+        let h = fmix64(fnv1a(
+            format!("{}:{}", request.task_id, request.attempt).as_bytes(),
+        ));
         (h % 1_000_000) as f64 / 1_000_000.0 < self.config.failure_rate
     }
 }
@@ -104,6 +111,15 @@ impl Provider for MockProvider {
     }
 }
 
+/// MurmurHash3's 64-bit finalizer: every input bit affects every output bit.
+fn fmix64(mut h: u64) -> u64 {
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
 fn fnv1a(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in bytes {
@@ -111,4 +127,46 @@ fn fnv1a(bytes: &[u8]) -> u64 {
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uuid::Uuid;
+
+    /// Transient failures are independent across a task's attempts: at a 30% rate, about
+    /// 0.3³ = 2.7% of tasks fail three attempts in a row (a retry budget can run out), and
+    /// each attempt alone fails about 30% of the time.
+    #[test]
+    fn attempts_fail_independently_at_the_configured_rate() {
+        let mock = MockProvider::new(MockProviderConfig {
+            failure_rate: 0.3,
+            ..Default::default()
+        });
+        let fails = |task_id: Uuid, attempt: i32| {
+            mock.fails_transiently(&GenerateRequest {
+                task_id,
+                attempt,
+                prompt: "p".into(),
+                model: None,
+                max_tokens: None,
+            })
+        };
+        let n = 20_000;
+        let (mut first, mut all_three) = (0, 0);
+        for i in 0..n {
+            let id = Uuid::from_u128(0x5eed_0000_0000_0000_0000_0000_0000_0000 + i);
+            first += fails(id, 1) as u32;
+            all_three += (fails(id, 1) && fails(id, 2) && fails(id, 3)) as u32;
+            assert_eq!(fails(id, 2), fails(id, 2), "deterministic");
+        }
+        assert!(
+            (5_400..6_600).contains(&first),
+            "attempt 1 failed {first} of {n}"
+        );
+        assert!(
+            (400..700).contains(&all_three),
+            "all three attempts failed for {all_three} of {n} (expected about 540)"
+        );
+    }
 }
