@@ -626,7 +626,8 @@ fn pgbench_script(batch: i64) -> String {
         .replace("$1", "'pgbench-' || :client_id")
         .replace("$2", &batch.to_string())
         .replace("$3::text[]", "NULL::text[]")
-        .replace("$4", "600000");
+        .replace("$4", "600000")
+        .replace("$5::boolean", "false");
     let one_line = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
     format!(
         "{admit};\n{claim};\nBEGIN;\n{lock_tasks};\n{complete};\nCOMMIT;\n",
