@@ -35,7 +35,7 @@ CREATE TABLE IF NOT EXISTS bizq_limits (
   max_depends_on  INTEGER NOT NULL DEFAULT 1000 CHECK (max_depends_on >= 0),
   -- longest chain of unfinished dependencies ending at a task, checked at admission (the
   -- cycle check walks at most this deep).
-  max_chain_depth INTEGER NOT NULL DEFAULT 1000 CHECK (max_chain_depth > 0),
+  max_chain_depth INTEGER NOT NULL DEFAULT 100 CHECK (max_chain_depth > 0),
   -- tasks admitted waiting on one task, checked at admission.
   max_dependents  INTEGER NOT NULL DEFAULT 10000 CHECK (max_dependents >= 0),
   updated_at      TIMESTAMP WITH TIME ZONE NOT NULL DEFAULT now()
@@ -358,8 +358,8 @@ $$;
 -- 2. Set-based cascade (replaces 0006's bizq_resolve_dependents).
 --   completed:  each waiting dependent has one dependency fewer (unchanged).
 --   failed / cancelled, policy 'cancel': every transitive dependent still pending or queued is
---     found by ONE recursive CTE (task_dependencies edges, deduplicated by id) and cancelled by
---     ONE UPDATE, locked in id order first. error_details names the dependency that doomed each
+--     found by ONE recursive CTE (task_dependencies edges, deduplicated by id), locked in id
+--     order and cancelled by ONE UPDATE. error_details names the dependency that doomed each
 --     one: the failed task for its direct dependents, a cancelled dependent for the others
 --     (the same details as the old level-by-level cascade wrote).
 --   policy 'escalate': direct dependents are escalated (unchanged; escalated is not terminal,
@@ -378,6 +378,7 @@ AS $$
 DECLARE
   policy TEXT := COALESCE(NULLIF(current_setting('bizq.dependency_failure_policy', true), ''), 'cancel');
   unblocked INTEGER;
+  doomed UUID[];
 BEGIN
   IF NEW.status = 'completed' THEN
     UPDATE tasks t
@@ -416,37 +417,31 @@ BEGIN
                        FOR NO KEY UPDATE OF c)
        AND t.status IN ('pending', 'queued');
   ELSE
-    WITH RECURSIVE doomed(id) AS (
-        SELECT d.task_id
-          FROM task_dependencies d
-          JOIN tasks c ON c.id = d.task_id
-         WHERE d.depends_on_id = NEW.id
-           AND c.status IN ('pending', 'queued')
-      UNION
-        SELECT d.task_id
-          FROM doomed x
-          JOIN task_dependencies d ON d.depends_on_id = x.id
-          JOIN tasks c ON c.id = d.task_id
-         WHERE c.status IN ('pending', 'queued')
-    ),
-    cause AS (
-        SELECT x.id,
-               (SELECT d.depends_on_id
-                  FROM task_dependencies d
-                 WHERE d.task_id = x.id
-                   AND (d.depends_on_id = NEW.id OR d.depends_on_id IN (SELECT id FROM doomed))
-                 ORDER BY (d.depends_on_id = NEW.id) DESC, d.depends_on_id
-                 LIMIT 1) AS dep
-          FROM doomed x
-    ),
-    locked AS (
-        SELECT t.id
-          FROM tasks t
-         WHERE t.id IN (SELECT id FROM doomed)
-           AND t.status IN ('pending', 'queued')
-         ORDER BY t.id
-           FOR NO KEY UPDATE
-    )
+    -- The whole transitive set in one statement. Each step probes the edge index and the
+    -- task's primary key (LATERAL ... OFFSET 0 keeps the planner from hash-joining whole
+    -- tables once per level when statistics are missing, which made it quadratic).
+    doomed := ARRAY(
+      WITH RECURSIVE walk(id) AS (
+          SELECT NEW.id
+        UNION
+          SELECT n.task_id
+            FROM walk w
+           CROSS JOIN LATERAL (SELECT d.task_id
+                                 FROM task_dependencies d
+                                WHERE d.depends_on_id = w.id
+                               OFFSET 0) n
+           CROSS JOIN LATERAL (SELECT c.status
+                                 FROM tasks c
+                                WHERE c.id = n.task_id
+                               OFFSET 0) s
+           WHERE s.status IN ('pending', 'queued')
+      )
+      SELECT w.id FROM walk w WHERE w.id <> NEW.id ORDER BY w.id);
+    IF cardinality(doomed) = 0 THEN
+      RETURN NULL;
+    END IF;
+    -- Locked in id order, like every multi-row lock of the engine.
+    PERFORM 1 FROM tasks t WHERE t.id = ANY (doomed) ORDER BY t.id FOR NO KEY UPDATE;
     UPDATE tasks t
        SET status = 'cancelled',
            completed_at = now(),
@@ -457,9 +452,18 @@ BEGIN
              'dependency', c.dep,
              'dependency_status', CASE WHEN c.dep = NEW.id THEN NEW.status ELSE 'cancelled' END,
              'attempt', t.attempt)
-      FROM cause c
-     WHERE c.id = t.id
-       AND t.id IN (SELECT id FROM locked)
+      FROM (SELECT x.id,
+                   -- The dependency that doomed it: the failed task itself if it is one,
+                   -- else the first of its dependencies that is being cancelled with it.
+                   (SELECT d.depends_on_id
+                      FROM task_dependencies d
+                     WHERE d.task_id = x.id
+                       AND (d.depends_on_id = NEW.id
+                            OR d.depends_on_id IN (SELECT u.id FROM unnest(doomed) AS u(id)))
+                     ORDER BY (d.depends_on_id = NEW.id) DESC, d.depends_on_id
+                     LIMIT 1) AS dep
+              FROM unnest(doomed) AS x(id)) c
+     WHERE t.id = c.id
        AND t.status IN ('pending', 'queued');
   END IF;
   RETURN NULL;
