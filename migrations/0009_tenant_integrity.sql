@@ -718,7 +718,278 @@ GRANT EXECUTE ON FUNCTION bizq_engine_cancel_task(uuid, text), bizq_engine_retry
   bizq_month_start(text)
   TO service_role;
 
--- The store-credential trigger ran as the caller (owners/admins) and called pgcrypto as them;
--- pgcrypto is no longer theirs, so it runs as its owner. It still reads only the caller's key.
-ALTER FUNCTION encrypt_store_credentials() SECURITY DEFINER;
-GRANT EXECUTE ON FUNCTION bizq_credentials_key() TO service_role;
+-- ---------------------------------------------------------------------------------------------
+-- 7. Store credentials: the key never reaches a tenant session.
+--   * The key lives in bizq_credentials_keyring, which only the engine and service_role can
+--     read (`bizq credentials set-key` puts it there). Owners and admins write plaintext
+--     credentials; the SECURITY DEFINER trigger encrypts them with that key. A tenant's
+--     bizq.credentials_key setting is ignored, and pgcrypto is not executable by tenants, so
+--     an owner cannot decrypt anything even with the key in hand.
+--   * Until a key is stored, engine/service sessions may bring it in bizq.credentials_key, as
+--     before; its fingerprint is recorded by the first use, and a session with another key
+--     fails (a wrong key fails the write instead of writing something nobody can read).
+--   * Envelope v2 binds the store and the key: {"enc": "pgp_sym", "v": 2, "kid": <key
+--     fingerprint>, "data": pgp_sym_encrypt({"store": <id>, "credentials": <plaintext>})}.
+--     An envelope copied to another store, or sealed under another key, is rejected on write
+--     and on read. v1 envelopes (0004) are still read, never accepted on write.
+--   * bizq_rotate_credentials_key re-encrypts every store in one statement (`bizq credentials
+--     rotate`).
+-- ---------------------------------------------------------------------------------------------
+CREATE TABLE IF NOT EXISTS bizq_credentials_keyring (
+  singleton   BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (singleton),
+  -- NULL: not stored; engine/service sessions bring it in bizq.credentials_key.
+  key         TEXT,
+  fingerprint TEXT NOT NULL,
+  rotated_at  TIMESTAMP WITH TIME ZONE NOT NULL DEFAULT now()
+);
+ALTER TABLE bizq_credentials_keyring ENABLE ROW LEVEL SECURITY;
+REVOKE ALL ON TABLE bizq_credentials_keyring FROM PUBLIC, anon, authenticated;
+GRANT SELECT, INSERT, UPDATE ON TABLE bizq_credentials_keyring TO service_role;
+
+CREATE OR REPLACE FUNCTION bizq_key_fingerprint(k text)
+RETURNS text
+LANGUAGE sql
+IMMUTABLE
+SECURITY DEFINER
+SET search_path = public, extensions, pg_temp
+AS $$
+  SELECT left(encode(digest('bizq.credentials_key:' || k, 'sha256'), 'hex'), 16);
+$$;
+
+CREATE OR REPLACE FUNCTION is_credentials_envelope(c jsonb)
+RETURNS boolean
+LANGUAGE sql
+IMMUTABLE
+SET search_path = public, pg_temp
+AS $$
+  SELECT coalesce(
+    jsonb_typeof(c) = 'object'
+    AND c ->> 'enc' = 'pgp_sym'
+    AND jsonb_typeof(c -> 'data') = 'string'
+    AND ((c -> 'v' = '1'::jsonb AND (SELECT count(*) FROM jsonb_object_keys(c)) = 3)
+         OR (c -> 'v' = '2'::jsonb AND jsonb_typeof(c -> 'kid') = 'string'
+             AND (SELECT count(*) FROM jsonb_object_keys(c)) = 4)),
+    false);
+$$;
+
+-- The key to use now (see above). Raises 55000 when there is none, 22023 for a wrong one;
+-- messages never contain a key.
+CREATE OR REPLACE FUNCTION bizq_credentials_key()
+RETURNS text
+LANGUAGE plpgsql
+VOLATILE
+SECURITY DEFINER
+SET search_path = public, pg_temp
+AS $$
+DECLARE
+  ring_key text;
+  ring_fp text;
+  have_ring boolean;
+  session_key text := nullif(current_setting('bizq.credentials_key', true), '');
+BEGIN
+  SELECT r.key, r.fingerprint INTO ring_key, ring_fp FROM bizq_credentials_keyring r;
+  have_ring := FOUND;
+  IF NOT bizq_role_is_privileged(bizq_calling_role()) THEN
+    session_key := NULL; -- a tenant session never supplies the key
+  END IF;
+  IF session_key IS NOT NULL AND have_ring AND bizq_key_fingerprint(session_key) <> ring_fp THEN
+    RAISE EXCEPTION 'the key in bizq.credentials_key is not the key the stored credentials are encrypted with'
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  IF ring_key IS NOT NULL THEN
+    RETURN ring_key;
+  END IF;
+  IF session_key IS NULL THEN
+    RAISE EXCEPTION 'store credentials encryption key is not configured'
+      USING ERRCODE = 'object_not_in_prerequisite_state',
+            HINT = 'Store it with `bizq credentials set-key`, or set bizq.credentials_key in the engine''s or service''s session.';
+  END IF;
+  IF NOT have_ring THEN
+    INSERT INTO bizq_credentials_keyring (singleton, key, fingerprint)
+    VALUES (TRUE, NULL, bizq_key_fingerprint(session_key))
+    ON CONFLICT (singleton) DO NOTHING;
+  END IF;
+  RETURN session_key;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION bizq_seal_credentials(p_store uuid, p_plain jsonb, p_key text)
+RETURNS jsonb
+LANGUAGE sql
+VOLATILE
+SECURITY DEFINER
+SET search_path = public, extensions, pg_temp
+AS $$
+  SELECT jsonb_build_object(
+    'enc', 'pgp_sym',
+    'v', 2,
+    'kid', bizq_key_fingerprint(p_key),
+    'data', encode(pgp_sym_encrypt(jsonb_build_object('store', p_store, 'credentials', p_plain)::text,
+                                   p_key, 'cipher-algo=aes256'), 'base64'));
+$$;
+
+-- The plaintext of an envelope, checked to belong to p_store and to p_key.
+CREATE OR REPLACE FUNCTION bizq_open_credentials(p_store uuid, p_envelope jsonb, p_key text)
+RETURNS jsonb
+LANGUAGE plpgsql
+VOLATILE
+SECURITY DEFINER
+SET search_path = public, extensions, pg_temp
+AS $$
+DECLARE
+  inner_doc jsonb;
+BEGIN
+  IF NOT is_credentials_envelope(p_envelope) THEN
+    RAISE EXCEPTION 'credentials of store % are not an encryption envelope', p_store
+      USING ERRCODE = 'data_corrupted';
+  END IF;
+  IF p_envelope -> 'v' = '2'::jsonb AND p_envelope ->> 'kid' <> bizq_key_fingerprint(p_key) THEN
+    RAISE EXCEPTION 'credentials of store % are sealed under another key', p_store
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  BEGIN
+    inner_doc := pgp_sym_decrypt(decode(p_envelope ->> 'data', 'base64'), p_key)::jsonb;
+  EXCEPTION WHEN OTHERS THEN
+    RAISE EXCEPTION 'could not decrypt credentials of store %: wrong key or corrupt data', p_store
+      USING ERRCODE = 'invalid_parameter_value';
+  END;
+  IF p_envelope -> 'v' = '1'::jsonb THEN
+    RETURN inner_doc; -- legacy (0004): not bound to a store
+  END IF;
+  IF inner_doc ->> 'store' IS DISTINCT FROM p_store::text THEN
+    RAISE EXCEPTION 'the credentials envelope of store % belongs to another store', p_store
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  RETURN inner_doc -> 'credentials';
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION encrypt_store_credentials()
+RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = public, extensions, pg_temp
+AS $$
+DECLARE
+  k text;
+BEGIN
+  IF TG_OP = 'UPDATE' AND NEW.id IS DISTINCT FROM OLD.id THEN
+    RAISE EXCEPTION 'a store''s id cannot change (its credentials are bound to it)'
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  IF TG_OP = 'UPDATE' AND NEW.credentials IS NOT DISTINCT FROM OLD.credentials THEN
+    RETURN NEW;
+  END IF;
+  -- The same rule as the stores policies, checked before any key is touched.
+  IF NOT bizq_role_is_privileged(bizq_calling_role())
+     AND NOT coalesce(user_is_workspace_admin(NEW.workspace_id), false) THEN
+    RAISE EXCEPTION 'only workspace owners and admins write store credentials'
+      USING ERRCODE = 'insufficient_privilege';
+  END IF;
+
+  k := bizq_credentials_key();
+
+  IF is_credentials_envelope(NEW.credentials) THEN
+    -- Only an envelope this database sealed for this very store under the current key.
+    IF NEW.credentials -> 'v' <> '2'::jsonb THEN
+      RAISE EXCEPTION 'stores.credentials envelope is not accepted; write the plaintext credentials'
+        USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM bizq_open_credentials(NEW.id, NEW.credentials, k);
+    RETURN NEW;
+  END IF;
+
+  NEW.credentials := bizq_seal_credentials(NEW.id, NEW.credentials, k);
+  RETURN NEW;
+END;
+$$;
+
+-- Decrypts a store's credentials. service_role (and the engine) only. NULL for an unknown store.
+CREATE OR REPLACE FUNCTION store_credentials(p_store_id uuid)
+RETURNS jsonb
+LANGUAGE plpgsql
+VOLATILE
+SECURITY DEFINER
+SET search_path = public, extensions, pg_temp
+AS $$
+DECLARE
+  c jsonb;
+BEGIN
+  SELECT s.credentials INTO c FROM stores s WHERE s.id = p_store_id;
+  IF NOT FOUND THEN
+    RETURN NULL;
+  END IF;
+  RETURN bizq_open_credentials(p_store_id, c, bizq_credentials_key());
+END;
+$$;
+
+-- Stores the key in the keyring (it must match the fingerprint recorded so far, if any).
+CREATE OR REPLACE FUNCTION bizq_set_credentials_key(p_key text)
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = public, pg_temp
+AS $$
+BEGIN
+  IF p_key IS NULL OR length(p_key) < 16 THEN
+    RAISE EXCEPTION 'a credentials key has at least 16 characters'
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  INSERT INTO bizq_credentials_keyring (singleton, key, fingerprint)
+  VALUES (TRUE, p_key, bizq_key_fingerprint(p_key))
+  ON CONFLICT (singleton) DO UPDATE SET key = EXCLUDED.key
+   WHERE bizq_credentials_keyring.fingerprint = EXCLUDED.fingerprint;
+  IF NOT EXISTS (SELECT 1 FROM bizq_credentials_keyring r WHERE r.key IS NOT NULL) THEN
+    RAISE EXCEPTION 'this is not the key the stored credentials are encrypted with; use bizq credentials rotate to change it'
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+END;
+$$;
+
+-- Re-encrypts every store's credentials under p_new, in the caller's transaction (one
+-- statement: all or nothing). The current key comes from bizq_credentials_key(). p_store_key:
+-- keep the new key in the keyring (else engine/service sessions must bring it). Returns how
+-- many stores were re-encrypted.
+CREATE OR REPLACE FUNCTION bizq_rotate_credentials_key(p_new text, p_store_key boolean)
+RETURNS integer
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = public, pg_temp
+AS $$
+DECLARE
+  old_key text := bizq_credentials_key();
+  n integer;
+BEGIN
+  IF p_new IS NULL OR length(p_new) < 16 THEN
+    RAISE EXCEPTION 'a credentials key has at least 16 characters'
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  PERFORM 1 FROM bizq_credentials_keyring FOR UPDATE;
+  CREATE TEMP TABLE bizq_rotation ON COMMIT DROP AS
+    SELECT s.id, bizq_open_credentials(s.id, s.credentials, old_key) AS plain
+      FROM stores s
+     ORDER BY s.id;
+  UPDATE bizq_credentials_keyring
+     SET key = CASE WHEN p_store_key THEN p_new END,
+         fingerprint = bizq_key_fingerprint(p_new),
+         rotated_at = now();
+  -- This transaction's writes (the stores trigger) use the new key from here on.
+  PERFORM set_config('bizq.credentials_key', p_new, true);
+  UPDATE stores s
+     SET credentials = bizq_seal_credentials(s.id, r.plain, p_new)
+    FROM bizq_rotation r
+   WHERE s.id = r.id;
+  GET DIAGNOSTICS n = ROW_COUNT;
+  DROP TABLE bizq_rotation;
+  RETURN n;
+END;
+$$;
+
+REVOKE EXECUTE ON FUNCTION bizq_key_fingerprint(text), bizq_credentials_key(),
+  bizq_seal_credentials(uuid, jsonb, text), bizq_open_credentials(uuid, jsonb, text),
+  store_credentials(uuid), bizq_set_credentials_key(text),
+  bizq_rotate_credentials_key(text, boolean)
+  FROM PUBLIC, anon, authenticated;
+GRANT EXECUTE ON FUNCTION bizq_credentials_key(), store_credentials(uuid),
+  bizq_set_credentials_key(text), bizq_rotate_credentials_key(text, boolean)
+  TO service_role;

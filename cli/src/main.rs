@@ -3,6 +3,7 @@
 
 mod admin;
 mod bench;
+mod credentials;
 mod demo;
 mod fleet;
 
@@ -59,6 +60,9 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Measure throughput and latency against raw SQL through pgbench (see README).
     Bench(bench::BenchArgs),
+    /// Keep the store-credentials key in the database, or rotate it (README "Security model").
+    #[command(subcommand)]
+    Credentials(credentials::CredentialsCommand),
 }
 
 #[tokio::main]
@@ -97,6 +101,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Stats => admin::stats(&admin::pool(&url).await?).await,
         Command::Demo(a) => demo::run(&url, a).await,
         Command::Bench(a) => bench::run(&url, a).await,
+        Command::Credentials(c) => credentials::run(&url, c).await,
     }
     .with_context(|| "bizq failed".to_string())
 }
