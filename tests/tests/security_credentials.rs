@@ -55,11 +55,6 @@ async fn insert_store(
 async fn the_key_never_reaches_a_tenant(pool: PgPool) -> anyhow::Result<()> {
     let a = create_tenant(&pool, "keyless").await?;
     let existing = create_store(&pool, a.id, serde_json::json!({"token": "t-0001"})).await?;
-    sqlx::query("SELECT bizq_set_credentials_key($1)")
-        .bind(CREDENTIALS_KEY)
-        .execute(&pool)
-        .await?;
-
     let mut conn = connect(&pool).await?;
     act_as(&mut conn, a.owner.auth_id).await?;
     // The attack: decrypt with pgcrypto and the key from the session.
@@ -69,6 +64,10 @@ async fn the_key_never_reaches_a_tenant(pool: PgPool) -> anyhow::Result<()> {
     )
     .await;
     expect_sqlstate(r, INSUFFICIENT_PRIVILEGE, "owner runs pgp_sym_decrypt");
+    sqlx::query("SELECT bizq_set_credentials_key($1)")
+        .bind(CREDENTIALS_KEY)
+        .execute(&pool)
+        .await?;
     for sql in [
         "SELECT key FROM bizq_credentials_keyring",
         "SELECT bizq_credentials_key()",
