@@ -626,7 +626,8 @@ fn pgbench_script(batch: i64) -> String {
         .replace("$1", "'pgbench-' || :client_id")
         .replace("$2", &batch.to_string())
         .replace("$3::text[]", "NULL::text[]")
-        .replace("$4", "600000");
+        .replace("$4", "600000")
+        .replace("$5::boolean", "false");
     let one_line = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
     format!(
         "{admit};\n{claim};\nBEGIN;\n{lock_tasks};\n{complete};\nCOMMIT;\n",
@@ -657,7 +658,13 @@ async fn raw_sql(url: &str, args: &BenchArgs, dir: &Path) -> anyhow::Result<f64>
     // Enough transactions per client to drain the queue, with a margin for uneven sharing.
     let per_client = (args.tasks / batch / clients as i64) + 20;
     let started = Instant::now();
-    let out = tokio::process::Command::new("pgbench")
+    // The password goes to pgbench in its environment, never on its command line (`ps`).
+    let (target, password) = split_password(&bench_url)?;
+    let mut pgbench = tokio::process::Command::new("pgbench");
+    if let Some(password) = password {
+        pgbench.env("PGPASSWORD", password);
+    }
+    let out = pgbench
         .arg("-n")
         .arg("-f")
         .arg(&script)
@@ -667,7 +674,7 @@ async fn raw_sql(url: &str, args: &BenchArgs, dir: &Path) -> anyhow::Result<f64>
         .arg(clients.to_string())
         .arg("-t")
         .arg(per_client.to_string())
-        .arg(&bench_url)
+        .arg(&target)
         .output()
         .await
         .context("running pgbench (apt-get install postgresql-client)")?;
@@ -683,6 +690,37 @@ async fn raw_sql(url: &str, args: &BenchArgs, dir: &Path) -> anyhow::Result<f64>
         bail!("pgbench completed only {completed} of {} tasks", args.tasks);
     }
     Ok(args.tasks as f64 / last)
+}
+
+/// A connection URL without its password, and the password (percent-decoded), so the
+/// password can travel in `PGPASSWORD` instead of a command line.
+fn split_password(url: &str) -> anyhow::Result<(String, Option<String>)> {
+    let mut parsed = url::Url::parse(url).context("parsing the bench database URL")?;
+    let Some(encoded) = parsed.password().map(str::to_owned) else {
+        return Ok((url.to_owned(), None));
+    };
+    parsed
+        .set_password(None)
+        .map_err(|()| anyhow::anyhow!("cannot remove the password from the bench database URL"))?;
+    Ok((parsed.to_string(), Some(percent_decode(&encoded))))
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let Some(Ok(b)) = s.get(i + 1..i + 3).map(|h| u8::from_str_radix(h, 16))
+        {
+            out.push(b);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The pgbench script, when `--print-pgbench-script` asks for it instead of a run.
@@ -833,4 +871,21 @@ pub async fn run(url: &str, args: BenchArgs) -> anyhow::Result<()> {
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_password;
+
+    /// pgbench gets the URL without the password, and the password itself for `PGPASSWORD`.
+    #[test]
+    fn the_password_leaves_the_command_line() {
+        let (url, password) =
+            split_password("postgres://bench:s%3Acr%40t@db.example:5432/bizq_bench").unwrap();
+        assert_eq!(url, "postgres://bench@db.example:5432/bizq_bench");
+        assert_eq!(password.as_deref(), Some("s:cr@t"));
+        let (url, password) = split_password("postgres://postgres@127.0.0.1:5/x").unwrap();
+        assert_eq!(url, "postgres://postgres@127.0.0.1:5/x");
+        assert_eq!(password, None);
+    }
 }

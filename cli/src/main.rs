@@ -3,6 +3,7 @@
 
 mod admin;
 mod bench;
+mod credentials;
 mod demo;
 mod fleet;
 
@@ -76,6 +77,9 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Measure throughput and latency against raw SQL through pgbench (see README).
     Bench(bench::BenchArgs),
+    /// Keep the store-credentials key in the database, or rotate it (README "Security model").
+    #[command(subcommand)]
+    Credentials(credentials::CredentialsCommand),
 }
 
 #[tokio::main]
@@ -127,6 +131,7 @@ async fn run(cli: Cli, config_flag: bool) -> anyhow::Result<()> {
         Command::Demo(a) => demo::run(&url, cli.config.as_deref().filter(|_| config_flag), a).await,
         // The benchmark writes its own config for the fleets it starts.
         Command::Bench(a) => bench::run(&url, a).await,
+        Command::Credentials(c) => credentials::run(&admin::pool(&url, &config()?).await?, c).await,
     }
 }
 

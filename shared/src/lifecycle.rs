@@ -154,9 +154,111 @@ enum Verdict {
 /// lock before counting is what makes counting race-free against a dependency completing at
 /// the same moment: either its completion committed first (and we see `completed`), or its
 /// trigger waits for our edges and decrements the count we wrote.
+///
+/// One tenant's row never fails the pass for everyone: if the batch statement errors, the
+/// batch is admitted task by task, and a task that fails on its own is set aside as `failed`
+/// with `code = 'admission_error'` (see [`isolate_rows`]).
 pub async fn admit(
     pool: &PgPool,
     batch: i64,
+    known_types: &[&str],
+    policy: DependencyFailurePolicy,
+) -> Result<AdmitReport> {
+    match admit_batch(pool, batch, None, known_types, policy).await {
+        Err(e) if is_statement_error(&e) => {
+            tracing::warn!(error = %e, "admission batch failed; admitting task by task");
+            let ids: Vec<Uuid> = sqlx::query_scalar(
+                "SELECT id FROM tasks WHERE status = 'pending' AND deps_remaining IS NULL
+                  ORDER BY created_at LIMIT $1",
+            )
+            .bind(batch)
+            .fetch_all(pool)
+            .await?;
+            let mut report = AdmitReport::default();
+            for id in ids {
+                match admit_batch(pool, 1, Some(id), known_types, policy).await {
+                    Ok(r) => {
+                        report.queued += r.queued;
+                        report.waiting += r.waiting;
+                        report.rejected += r.rejected;
+                        report.escalated += r.escalated;
+                        report.cancelled += r.cancelled;
+                        report.deferred += r.deferred;
+                    }
+                    Err(e) if is_statement_error(&e) => {
+                        set_aside(pool, id, "admission_error", &e).await?;
+                        report.rejected += 1;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(report)
+        }
+        other => other,
+    }
+}
+
+/// True when the database rejected a statement (as opposed to a lost connection, a pool
+/// timeout, ...): retrying the rows one by one can isolate the offending one.
+fn is_statement_error(e: &Error) -> bool {
+    matches!(e, Error::Database(db) if db.as_database_error().is_some())
+}
+
+/// A task that fails a statement on its own is taken out of the engine's way: `failed`, with
+/// the database's message in `error_details`, so no batch selects it again. If even that
+/// write fails, the task is logged and left alone.
+async fn set_aside(pool: &PgPool, id: Uuid, code: &str, cause: &Error) -> Result<()> {
+    tracing::error!(task = %id, error = %cause, code, "task fails every statement it is in; setting it aside as failed");
+    let r = sqlx::query(
+        "UPDATE tasks
+            SET status = 'failed',
+                completed_at = now(),
+                deps_remaining = COALESCE(deps_remaining, 0),
+                wait_reason = NULL,
+                lease_token = NULL,
+                lease_expires_at = NULL,
+                error_details = jsonb_build_object(
+                    'message', $2::text, 'code', $3::text, 'attempt', attempt)
+          WHERE id = $1",
+    )
+    .bind(id)
+    .bind(format!("the engine could not process this task: {cause}"))
+    .bind(code)
+    .execute(pool)
+    .await;
+    if let Err(e) = r {
+        tracing::error!(task = %id, error = %e, "could not set the task aside either");
+    }
+    Ok(())
+}
+
+/// Runs `one` for each id separately (each in its own transaction): the fallback of a batch
+/// statement that failed. Ids whose statement fails alone are set aside with `code`.
+async fn isolate_rows<T, F, Fut>(
+    pool: &PgPool,
+    ids: &[Uuid],
+    code: &str,
+    mut one: F,
+) -> Result<Vec<T>>
+where
+    F: FnMut(Uuid) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<T>>>,
+{
+    let mut done = Vec::new();
+    for &id in ids {
+        match one(id).await {
+            Ok(rows) => done.extend(rows),
+            Err(e) if is_statement_error(&e) => set_aside(pool, id, code, &e).await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+async fn admit_batch(
+    pool: &PgPool,
+    batch: i64,
+    only: Option<Uuid>,
     known_types: &[&str],
     policy: DependencyFailurePolicy,
 ) -> Result<AdmitReport> {
@@ -169,16 +271,24 @@ pub async fn admit(
            JOIN workspaces w ON w.id = t.workspace_id
           WHERE t.status = 'pending'
             AND t.deps_remaining IS NULL
+            AND ($2::uuid IS NULL OR t.id = $2)
           ORDER BY t.created_at
           LIMIT $1
             FOR NO KEY UPDATE OF t SKIP LOCKED",
     )
     .bind(batch)
+    .bind(only)
     .fetch_all(&mut *tx)
     .await?;
     if rows.is_empty() {
         return Ok(AdmitReport::default());
     }
+    // The engine's limits (migration 0009): how deep an unfinished dependency chain may get,
+    // and how many tasks may wait on one task.
+    let (max_chain_depth, max_dependents): (i32, i32) =
+        sqlx::query_as("SELECT max_chain_depth, max_dependents FROM bizq_limits")
+            .fetch_one(&mut *tx)
+            .await?;
 
     struct Candidate {
         id: Uuid,
@@ -216,18 +326,24 @@ pub async fn admit(
     all_deps.sort();
     all_deps.dedup();
     let mut dep_state: std::collections::HashMap<Uuid, (String, Uuid)> = Default::default();
+    // Tasks already admitted waiting on each dependency (tasks.dependents_count).
+    let mut dependents: std::collections::HashMap<Uuid, i64> = Default::default();
     let mut dep_exists_locked: std::collections::HashSet<Uuid> = Default::default();
     if !all_deps.is_empty() {
         let locked = sqlx::query(
             "UPDATE tasks t
                 SET has_dependents = TRUE
               WHERE t.id IN (SELECT id FROM tasks WHERE id = ANY($1) FOR NO KEY UPDATE SKIP LOCKED)
-             RETURNING t.id, t.status, t.workspace_id",
+             RETURNING t.id, t.status, t.workspace_id, t.dependents_count",
         )
         .bind(all_deps.clone())
         .fetch_all(&mut *tx)
         .await?;
         for r in locked {
+            dependents.insert(
+                r.try_get("id")?,
+                i64::from(r.try_get::<i32, _>("dependents_count")?),
+            );
             dep_state.insert(
                 r.try_get("id")?,
                 (r.try_get("status")?, r.try_get("workspace_id")?),
@@ -247,46 +363,68 @@ pub async fn admit(
         }
     }
 
-    // Cycle check over `depends_on`, walking only through unfinished tasks.
+    // Cycle check and chain depth, one bounded walk. A cycle needs every member to be
+    // unadmitted when its first member is admitted (an admitted task's dependencies existed
+    // and are fixed; `depends_on` cannot change after insert), so the walk goes on only
+    // through unadmitted tasks (`pending`, `deps_remaining IS NULL`) and at most
+    // `max_chain_depth + 1` levels deep. Where it reaches an admitted task that still waits,
+    // that task's recorded `chain_depth` continues the chain. The cost per pass is bounded by
+    // batch x depth limit, not by the length of the chains behind the batch.
     let roots: Vec<Uuid> = candidates
         .iter()
         .filter(|c| !c.depends_on.is_empty())
         .map(|c| c.id)
         .collect();
-    let in_cycle: std::collections::HashSet<Uuid> = if roots.is_empty() {
-        Default::default()
-    } else {
-        sqlx::query_scalar(
-            "WITH RECURSIVE walk(root, id) AS (
-                 SELECT r.root, d.dep
+    let mut in_cycle: std::collections::HashSet<Uuid> = Default::default();
+    let mut depth_of: std::collections::HashMap<Uuid, i32> = Default::default();
+    if !roots.is_empty() {
+        let walked = sqlx::query(
+            "WITH RECURSIVE walk(root, id, depth) AS (
+                 SELECT r.root, d.dep, 1
                    FROM unnest($1::uuid[]) AS r(root)
                    JOIN tasks t ON t.id = r.root
                   CROSS JOIN LATERAL unnest(t.depends_on) AS d(dep)
                UNION
-                 SELECT w.root, d.dep
+                 SELECT w.root, d.dep, w.depth + 1
                    FROM walk w
                    JOIN tasks t ON t.id = w.id
                   CROSS JOIN LATERAL unnest(t.depends_on) AS d(dep)
                   WHERE w.id <> w.root
-                    AND t.status <> 'completed'
+                    AND t.status = 'pending'
+                    AND t.deps_remaining IS NULL
+                    AND w.depth <= $2
              )
-             SELECT DISTINCT root FROM walk WHERE id = root",
+             SELECT w.root,
+                    bool_or(w.id = w.root) AS in_cycle,
+                    max(w.depth + CASE WHEN t.status = 'pending' AND t.deps_remaining > 0
+                                       THEN COALESCE(t.chain_depth, 0) ELSE 0 END) AS depth
+               FROM walk w
+               LEFT JOIN tasks t ON t.id = w.id
+              GROUP BY w.root",
         )
         .bind(roots)
+        .bind(max_chain_depth)
         .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .collect()
-    };
+        .await?;
+        for r in walked {
+            let root: Uuid = r.try_get("root")?;
+            if r.try_get::<Option<bool>, _>("in_cycle")?.unwrap_or(false) {
+                in_cycle.insert(root);
+            }
+            depth_of.insert(root, r.try_get::<Option<i32>, _>("depth")?.unwrap_or(0));
+        }
+    }
 
     let mut report = AdmitReport::default();
     let mut ids = Vec::new();
     let mut kinds: Vec<&'static str> = Vec::new();
     let mut remaining: Vec<i32> = Vec::new();
     let mut details: Vec<Option<Value>> = Vec::new();
+    let mut depths: Vec<i32> = Vec::new();
     let mut edge_task = Vec::new();
     let mut edge_dep = Vec::new();
     for c in &candidates {
+        let depth = depth_of.get(&c.id).copied().unwrap_or(0);
         let verdict = if !known_types.contains(&c.task_type.as_str()) {
             Verdict::Reject(json!({
                 "message": format!("unknown task type '{}' (known: {})", c.task_type, known_types.join(", ")),
@@ -296,6 +434,11 @@ pub async fn admit(
             Verdict::Reject(json!({
                 "message": "depends_on forms a cycle: this task (indirectly) depends on itself",
                 "code": "dependency_cycle", "attempt": 0,
+            }))
+        } else if depth > max_chain_depth {
+            Verdict::Reject(json!({
+                "message": format!("the chain of unfinished dependencies ending at this task is deeper than the limit of {max_chain_depth} (bizq_limits.max_chain_depth)"),
+                "code": "dependency_chain_too_deep", "limit": max_chain_depth, "attempt": 0,
             }))
         } else if c.depends_on.iter().any(|d| dep_exists_locked.contains(d)) {
             report.deferred += 1;
@@ -340,11 +483,24 @@ pub async fn admit(
                 .collect();
             if open.is_empty() {
                 Verdict::Ready
+            } else if let Some(full) = open
+                .iter()
+                .find(|d| dependents.get(d).copied().unwrap_or(0) >= i64::from(max_dependents))
+            {
+                Verdict::Reject(json!({
+                    "message": format!("task {full} already has {max_dependents} dependents, the limit (bizq_limits.max_dependents)"),
+                    "code": "too_many_dependents", "dependency": full, "limit": max_dependents,
+                    "attempt": 0,
+                }))
             } else {
+                for d in &open {
+                    *dependents.entry(*d).or_insert(0) += 1;
+                }
                 Verdict::Blocked(open)
             }
         };
         ids.push(c.id);
+        depths.push(depth);
         match verdict {
             Verdict::Ready => {
                 kinds.push("ready");
@@ -393,11 +549,19 @@ pub async fn admit(
 
     // Edges first, so that a task failing in this same statement cascades to dependents
     // admitted alongside it.
+    // Each dependency counts the tasks newly waiting on it (rows already locked above).
     if !edge_task.is_empty() {
         sqlx::query(
-            "INSERT INTO task_dependencies (task_id, depends_on_id)
-             SELECT task_id, depends_on_id FROM unnest($1::uuid[], $2::uuid[]) AS e(task_id, depends_on_id)
-             ON CONFLICT DO NOTHING",
+            "WITH added AS (
+                 INSERT INTO task_dependencies (task_id, depends_on_id)
+                 SELECT task_id, depends_on_id FROM unnest($1::uuid[], $2::uuid[]) AS e(task_id, depends_on_id)
+                 ON CONFLICT DO NOTHING
+                 RETURNING depends_on_id
+             )
+             UPDATE tasks t
+                SET dependents_count = t.dependents_count + a.n
+               FROM (SELECT depends_on_id, count(*)::int AS n FROM added GROUP BY depends_on_id) a
+              WHERE t.id = a.depends_on_id",
         )
         .bind(edge_task)
         .bind(edge_dep)
@@ -407,12 +571,14 @@ pub async fn admit(
     let kinds: Vec<String> = kinds.into_iter().map(String::from).collect();
     let queued: i64 = sqlx::query_scalar(
         "WITH verdict AS (
-             SELECT id, kind, deps, details
-               FROM unnest($1::uuid[], $2::text[], $3::int[], $4::jsonb[]) AS v(id, kind, deps, details)
+             SELECT id, kind, deps, details, depth
+               FROM unnest($1::uuid[], $2::text[], $3::int[], $4::jsonb[], $5::int[])
+                    AS v(id, kind, deps, details, depth)
          ),
          admitted AS (
              UPDATE tasks t
                 SET deps_remaining = v.deps,
+                    chain_depth = v.depth,
                     status = CASE
                                WHEN v.kind = 'ready'
                                     AND COALESCE(t.scheduled_for, '-infinity') <= now() THEN 'queued'
@@ -431,6 +597,7 @@ pub async fn admit(
     .bind(kinds)
     .bind(remaining)
     .bind(details)
+    .bind(depths)
     .fetch_one(&mut *tx)
     .await?;
     report.queued = queued as u64;
@@ -545,8 +712,11 @@ pub struct ClaimRequest<'a> {
 }
 
 /// The claim statement. Parameters: `$1` worker id, `$2` most tasks, `$3` type `LIKE`
-/// patterns (NULL for all), `$4` lease in milliseconds. Public so the benchmark can run the
-/// very same SQL through `pgbench`.
+/// patterns (NULL for all), `$4` lease in milliseconds, `$5` whether to park the tasks of a
+/// workspace whose row is locked elsewhere (`wait_reason = 'workspace_busy'`) instead of
+/// leaving them queued. Returns the claimed tasks, plus one row with `skipped` true (all else
+/// NULL) when some workspace's row was locked. Public so the benchmark can run the very same
+/// SQL through `pgbench`.
 pub const CLAIM_SQL: &str = "WITH candidates AS (
              SELECT id, workspace_id, priority, created_at,
                     GREATEST(COALESCE(estimated_cost, 0), 1) AS cost
@@ -569,7 +739,7 @@ pub const CLAIM_SQL: &str = "WITH candidates AS (
                FROM workspaces w
               WHERE w.id IN (SELECT workspace_id FROM candidates)
               ORDER BY w.id
-                FOR NO KEY UPDATE
+                FOR NO KEY UPDATE SKIP LOCKED
          ),
          ranked AS (
              SELECT c.id, c.workspace_id, c.cost,
@@ -593,13 +763,16 @@ pub const CLAIM_SQL: &str = "WITH candidates AS (
          parked AS (
              UPDATE tasks t
                 SET status = 'pending',
-                    wait_reason = CASE WHEN f.in_good_standing THEN 'insufficient_credits'
+                    wait_reason = CASE WHEN f.id IS NULL THEN 'workspace_busy'
+                                       WHEN f.in_good_standing THEN 'insufficient_credits'
                                        ELSE 'subscription_inactive' END
                FROM candidates c
-               JOIN funds f ON f.id = c.workspace_id
+               LEFT JOIN funds f ON f.id = c.workspace_id
               WHERE t.id = c.id
                 AND c.id NOT IN (SELECT id FROM granted)
-         )
+                AND (f.id IS NOT NULL OR $5::boolean)
+         ),
+         claimed AS (
          UPDATE tasks t
             SET status = 'processing',
                 started_at = now(),
@@ -613,30 +786,49 @@ pub const CLAIM_SQL: &str = "WITH candidates AS (
            FROM granted g
           WHERE t.id = g.id
          RETURNING t.id, t.workspace_id, t.type, t.input, t.attempt, t.max_attempts,
-                   t.lease_token, t.ai_provider, t.ai_model";
+                   t.lease_token, t.ai_provider, t.ai_model
+         )
+         SELECT id, workspace_id, type, input, attempt, max_attempts, lease_token, ai_provider,
+                ai_model, FALSE AS skipped
+           FROM claimed
+         UNION ALL
+         (SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, TRUE
+            FROM candidates c
+           WHERE c.workspace_id NOT IN (SELECT id FROM funds)
+           LIMIT 1)";
 
 /// **Claim** (worker): takes up to `limit` queued tasks by priority (1 first), then age, with
 /// `FOR NO KEY UPDATE SKIP LOCKED`, in one statement that also checks each workspace's standing and
 /// reserves credits. Each task's reservation is its estimated cost (at least 1); tasks are
 /// granted in priority order while the running sum fits the workspace's balance and its
 /// monthly limit, both net of reservations already held. The workspace rows are locked
-/// (`FOR NO KEY UPDATE`, no skip) so two workers reserving at once see each other's reservations:
-/// concurrent workers cannot overspend. Tasks that cannot be paid for go back to `pending`
+/// (`FOR NO KEY UPDATE`) so two workers reserving at once see each other's reservations:
+/// concurrent workers cannot overspend. The lock is `SKIP LOCKED`: a workspace row locked by
+/// anyone else (a tenant's open transaction cannot stall the fleet) is skipped, its tasks stay
+/// queued, and the claim tries again a few times within ~30 ms (see [`CLAIM_BUSY_RETRIES`]). Tasks that cannot be paid for go back to `pending`
 /// with `wait_reason` set, out of the claim index, until `unpark` sees funds again.
 ///
 /// The tenancy work to come (fair share across workspaces, per-plan caps) fits into the
 /// `candidates` and `granted` steps without changing the statement's shape.
 pub async fn claim(pool: &PgPool, req: &ClaimRequest<'_>) -> Result<Vec<ClaimedTask>> {
-    let rows = sqlx::query(CLAIM_SQL)
-        .bind(req.worker_id.to_string())
-        .bind(req.limit)
-        .bind(req.type_patterns.map(|p| p.to_vec()))
-        .bind(req.lease.as_millis() as i64)
-        .fetch_all(pool)
-        .await?;
-    rows.into_iter()
-        .map(|r| {
-            Ok(ClaimedTask {
+    let mut claimed = Vec::new();
+    for round in 0..=CLAIM_BUSY_RETRIES {
+        let last = round == CLAIM_BUSY_RETRIES;
+        let rows = sqlx::query(CLAIM_SQL)
+            .bind(req.worker_id.to_string())
+            .bind(req.limit - claimed.len() as i64)
+            .bind(req.type_patterns.map(|p| p.to_vec()))
+            .bind(req.lease.as_millis() as i64)
+            .bind(last)
+            .fetch_all(pool)
+            .await?;
+        let mut skipped = false;
+        for r in rows {
+            if r.try_get::<bool, _>("skipped")? {
+                skipped = true;
+                continue;
+            }
+            claimed.push(ClaimedTask {
                 id: r.try_get("id")?,
                 workspace_id: r.try_get("workspace_id")?,
                 task_type: r.try_get("type")?,
@@ -646,10 +838,23 @@ pub async fn claim(pool: &PgPool, req: &ClaimRequest<'_>) -> Result<Vec<ClaimedT
                 lease_token: r.try_get("lease_token")?,
                 ai_provider: r.try_get("ai_provider")?,
                 ai_model: r.try_get("ai_model")?,
-            })
-        })
-        .collect()
+            });
+        }
+        if !skipped || claimed.len() as i64 >= req.limit {
+            break;
+        }
+        if !last {
+            tokio::time::sleep(Duration::from_millis(2 << round)).await;
+        }
+    }
+    Ok(claimed)
 }
+
+/// How often a claim tries again, after 2, 4, 8 and 16 ms, when a workspace row was locked
+/// elsewhere: the engine's own locks on it last milliseconds. On the last try the tasks of a
+/// workspace still locked (a tenant's open transaction, say) are parked as `workspace_busy`
+/// and `unpark` brings them back, so they never hold the head of the queue.
+const CLAIM_BUSY_RETRIES: u32 = 4;
 
 /// **Heartbeat** (worker): extends the leases this worker still holds and returns their ids.
 /// A task missing from the answer was cancelled or reclaimed: its run must stop.
@@ -740,7 +945,36 @@ pub struct Failure {
 ///
 /// Locks are taken in the module's order (tasks, then workspaces, each by id) before the
 /// UPDATE, whose triggers then find every lock they need already held.
+///
+/// If the batch statement fails, its rows are written one by one, so one tenant's row cannot
+/// lose the results of every other workspace in the batch; a row that fails alone is set
+/// aside as `failed` (`code = 'result_error'`).
 pub async fn finish_batch(
+    pool: &PgPool,
+    completions: &[Completion],
+    failures: &[Failure],
+) -> Result<Vec<Uuid>> {
+    match finish_rows(pool, completions, failures).await {
+        Err(e) if is_statement_error(&e) && completions.len() + failures.len() > 1 => {
+            tracing::warn!(error = %e, "result batch failed; writing its results one by one");
+            let ids: Vec<Uuid> = completions
+                .iter()
+                .map(|c| c.id)
+                .chain(failures.iter().map(|f| f.id))
+                .collect();
+            isolate_rows(pool, &ids, "result_error", |id| {
+                let c: Vec<Completion> =
+                    completions.iter().filter(|c| c.id == id).cloned().collect();
+                let f: Vec<Failure> = failures.iter().filter(|f| f.id == id).cloned().collect();
+                async move { finish_rows(pool, &c, &f).await }
+            })
+            .await
+        }
+        other => other,
+    }
+}
+
+async fn finish_rows(
     pool: &PgPool,
     completions: &[Completion],
     failures: &[Failure],
@@ -881,9 +1115,61 @@ pub struct ReclaimReport {
 /// lost its host or its network — go back to `queued` with the attempt counted, or to
 /// `failed` when it was the last attempt. The dead worker's late write, if any, is fenced out
 /// because the lease token is cleared here.
+///
+/// Reclaim takes expired leases in id order, so a row that fails the statement would fail the
+/// same batch on every pass and no tenant's task would be reclaimed again. If the batch
+/// statement fails, the batch is reclaimed task by task and a task that fails alone is set
+/// aside as `failed` (`code = 'reclaim_error'`).
 pub async fn reclaim_expired(
     pool: &PgPool,
     batch: i64,
+    max_attempts_by_type: &[(String, i32)],
+    default_max_attempts: i32,
+) -> Result<ReclaimReport> {
+    match reclaim_pass(
+        pool,
+        batch,
+        None,
+        max_attempts_by_type,
+        default_max_attempts,
+    )
+    .await
+    {
+        Err(e) if is_statement_error(&e) => {
+            tracing::warn!(error = %e, "reclaim batch failed; reclaiming task by task");
+            let ids: Vec<Uuid> = sqlx::query_scalar(
+                "SELECT id FROM tasks WHERE status = 'processing' AND lease_expires_at < now()
+                  ORDER BY id LIMIT $1",
+            )
+            .bind(batch)
+            .fetch_all(pool)
+            .await?;
+            let reports = isolate_rows(pool, &ids, "reclaim_error", |id| async move {
+                reclaim_pass(
+                    pool,
+                    1,
+                    Some(id),
+                    max_attempts_by_type,
+                    default_max_attempts,
+                )
+                .await
+                .map(|r| vec![r])
+            })
+            .await?;
+            Ok(ReclaimReport {
+                requeued: reports.iter().map(|r| r.requeued).sum(),
+                failed: reports.iter().map(|r| r.failed).sum::<u64>()
+                    + (ids.len() - reports.len()) as u64,
+            })
+        }
+        other => other,
+    }
+}
+
+async fn reclaim_pass(
+    pool: &PgPool,
+    batch: i64,
+    only: Option<Uuid>,
     max_attempts_by_type: &[(String, i32)],
     default_max_attempts: i32,
 ) -> Result<ReclaimReport> {
@@ -894,11 +1180,13 @@ pub async fn reclaim_expired(
            FROM tasks
           WHERE status = 'processing'
             AND lease_expires_at < now()
+            AND ($2::uuid IS NULL OR id = $2)
           ORDER BY id
           LIMIT $1
             FOR NO KEY UPDATE SKIP LOCKED",
     )
     .bind(batch)
+    .bind(only)
     .fetch_all(&mut *tx)
     .await?;
     if expired.is_empty() {
@@ -952,59 +1240,33 @@ pub async fn reclaim_expired(
 /// lands and nothing is charged — and its worker is told over `bizq_cancel` to abort the
 /// provider call (the heartbeat notices within one interval if the notification is lost).
 /// Returns the status the task had.
+///
+/// The SQL body is `bizq_engine_cancel_task` (migration 0009), the very function members reach
+/// through `bizq_cancel_task`: one path for the CLI and for product code. The dependents'
+/// cascade follows this connection's `bizq.dependency_failure_policy`.
 pub async fn cancel(pool: &PgPool, id: Uuid, reason: &str) -> Result<String> {
-    let mut tx = pool.begin().await?;
-    let status = lock_status(
-        &mut tx,
+    let previous: Option<String> = sqlx::query_scalar("SELECT bizq_engine_cancel_task($1, $2)")
+        .bind(id)
+        .bind(reason)
+        .fetch_one(pool)
+        .await?;
+    checked_previous(
         id,
+        previous,
         "cancel",
         &["pending", "queued", "processing", "escalated"],
     )
-    .await?;
-    sqlx::query(
-        "UPDATE tasks
-            SET status = 'cancelled',
-                completed_at = now(),
-                wait_reason = NULL,
-                lease_token = NULL,
-                lease_expires_at = NULL,
-                error_details = jsonb_build_object(
-                    'message', $2::text,
-                    'code', 'cancelled',
-                    'attempt', attempt,
-                    'previous_status', $3::text)
-          WHERE id = $1",
-    )
-    .bind(id)
-    .bind(format!("cancelled: {reason}"))
-    .bind(status.clone())
-    .execute(&mut *tx)
-    .await?;
-    if status == "processing" {
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(CHANNEL_CANCEL)
-            .bind(id.to_string())
-            .execute(&mut *tx)
-            .await?;
-    }
-    tx.commit().await?;
-    Ok(status)
 }
 
-/// Locks one task for an admin action and returns its status, or says why the action does
-/// not apply to it.
-async fn lock_status(
-    tx: &mut sqlx::PgConnection,
+/// The status an admin action found (`None`: no such task), or why the action did not apply:
+/// the SQL bodies change nothing unless the status allows it.
+fn checked_previous(
     id: Uuid,
+    previous: Option<String>,
     action: &'static str,
     allowed: &'static [&'static str],
 ) -> Result<String> {
-    let status: Option<String> =
-        sqlx::query_scalar("SELECT status FROM tasks WHERE id = $1 FOR NO KEY UPDATE")
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await?;
-    let status = status.ok_or(Error::TaskNotFound(id))?;
+    let status = previous.ok_or(Error::TaskNotFound(id))?;
     if !allowed.contains(&status.as_str()) {
         return Err(Error::WrongStatus {
             id,
@@ -1018,25 +1280,13 @@ async fn lock_status(
 
 /// **Retry** (admin): a failed, cancelled or escalated task starts over as `pending` with
 /// fresh attempts and no error; the scheduler admits it again (dependencies are re-checked).
+///
+/// The SQL body is `bizq_engine_retry_task` (migration 0009), shared with members'
+/// `bizq_retry_task`.
 pub async fn retry(pool: &PgPool, id: Uuid) -> Result<String> {
-    let mut tx = pool.begin().await?;
-    let status = lock_status(&mut tx, id, "retry", &["failed", "cancelled", "escalated"]).await?;
-    sqlx::query(
-        "UPDATE tasks
-            SET status = 'pending',
-                attempt = 0,
-                deps_remaining = NULL,
-                wait_reason = NULL,
-                scheduled_for = NULL,
-                started_at = NULL,
-                completed_at = NULL,
-                output = NULL,
-                error_details = NULL
-          WHERE id = $1",
-    )
-    .bind(id)
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    Ok(status)
+    let previous: Option<String> = sqlx::query_scalar("SELECT bizq_engine_retry_task($1)")
+        .bind(id)
+        .fetch_one(pool)
+        .await?;
+    checked_previous(id, previous, "retry", &["failed", "cancelled", "escalated"])
 }

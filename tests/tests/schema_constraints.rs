@@ -61,6 +61,37 @@ const CASES: &[(&str, &str, &str)] = &[
         "UPDATE tasks SET worker_type = 'robot'",
     ),
     ("tasks", "valid_priority", "UPDATE tasks SET priority = 11"),
+    // Engine-only settings (migration 0009): one row, limits positive.
+    (
+        "bizq_limits",
+        "bizq_limits_singleton_check",
+        "INSERT INTO bizq_limits (singleton) VALUES (FALSE)",
+    ),
+    (
+        "bizq_limits",
+        "bizq_limits_max_input_bytes_check",
+        "UPDATE bizq_limits SET max_input_bytes = 0",
+    ),
+    (
+        "bizq_limits",
+        "bizq_limits_max_depends_on_check",
+        "UPDATE bizq_limits SET max_depends_on = -1",
+    ),
+    (
+        "bizq_limits",
+        "bizq_limits_max_chain_depth_check",
+        "UPDATE bizq_limits SET max_chain_depth = 0",
+    ),
+    (
+        "bizq_limits",
+        "bizq_limits_max_dependents_check",
+        "UPDATE bizq_limits SET max_dependents = -1",
+    ),
+    (
+        "bizq_credentials_keyring",
+        "bizq_credentials_keyring_singleton_check",
+        "INSERT INTO bizq_credentials_keyring (singleton, fingerprint) VALUES (FALSE, 'x')",
+    ),
     (
         "tasks",
         "valid_quality_score",

@@ -1,7 +1,8 @@
 //! Credit deduction on task completion (deduct_task_credits_trigger).
 
 use bizq_tests::schema_support::{
-    act_as, connect, create_task, create_tenant, create_workspace, exec, expect_sqlstate,
+    act_as, act_as_service, connect, create_task, create_tenant, create_workspace, exec,
+    expect_sqlstate,
 };
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -301,11 +302,22 @@ async fn concurrent_completions_are_charged_exactly(pool: PgPool) -> anyhow::Res
 async fn members_completing_tasks_are_charged_despite_lacking_billing_rights(
     pool: PgPool,
 ) -> anyhow::Result<()> {
+    // Since migration 0009 a member cannot complete a task at all (status is the engine's
+    // column; security_engine_columns.rs covers that). The charge still fires in whichever
+    // session completes the task, for the engine as for a service, without billing rights of
+    // its own: the trigger is SECURITY DEFINER.
     let a = create_tenant(&pool, "member-completes").await?;
     set_balance(&pool, a.id, 100, 1000).await?;
     let task = create_task(&pool, a.id, Some(95)).await?;
     let mut conn = connect(&pool).await?;
     act_as(&mut conn, a.member.auth_id).await?;
+    let r = exec(
+        &mut conn,
+        &format!("UPDATE tasks SET status = 'completed' WHERE id = '{task}'"),
+    )
+    .await;
+    assert!(r.is_err(), "a member completed a task: {r:?}");
+    act_as_service(&mut conn).await?;
     assert_eq!(
         exec(
             &mut conn,

@@ -52,7 +52,9 @@ async fn credentials_are_stored_encrypted_and_decrypt_for_service_role(
     assert!(!raw.contains("key-123"), "plaintext secret stored: {raw}");
     let envelope: serde_json::Value = serde_json::from_str(&raw)?;
     assert_eq!(envelope["enc"], "pgp_sym");
-    assert_eq!(envelope["v"], 1);
+    // v2 since migration 0009: bound to the store and the key's fingerprint.
+    assert_eq!(envelope["v"], 2);
+    assert!(envelope["kid"].as_str().is_some_and(|k| k.len() == 16));
     assert!(envelope["data"].as_str().is_some_and(|d| d.len() > 40));
 
     let mut conn = connect(&pool).await?;

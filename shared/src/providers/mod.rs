@@ -106,44 +106,256 @@ impl ProviderError {
     }
 }
 
-/// The first `max_chars` characters of a provider's body with anything that looks like a
-/// credential masked: `sk-…` keys, `key=…` pairs, the token after `Bearer`, and any long
-/// unbroken run of key-like characters.
+/// The first `max_chars` characters of a provider's body, with anything that looks like a
+/// credential masked as `[redacted]`. The whole body is masked first and cut afterwards, so a
+/// secret straddling the cut cannot survive as a fragment. Masked:
+/// - the value of any sensitive key, quoted or not (`"api_key": "…"`, `"password": "…"`,
+///   `token=…`, `Authorization: …`; see [`is_sensitive_key`]);
+/// - the word after `Bearer`, `Basic`, `Token` or `Digest`;
+/// - `sk-…`-style keys, JWTs (three dot-separated base64url parts), `key=`/`token=` pairs
+///   inside a word, and any run of 24 or more key-like characters (letters, digits, `+ / = _ -`)
+///   that is not a plain lowercase word.
 pub fn redact(body: &str, max_chars: usize) -> String {
-    let excerpt: String = body.chars().take(max_chars).collect();
-    let is_sep =
-        |c: char| c.is_whitespace() || matches!(c, '"' | '\'' | ',' | ':' | '{' | '}' | '[' | ']');
-    let mut out = String::with_capacity(excerpt.len());
+    let masked = mask_words(&mask_key_values(&mask_auth_schemes(body)));
+    masked.chars().take(max_chars).collect()
+}
+
+const REDACTED: &str = "[redacted]";
+
+/// Key names whose values are secrets (compared lowercase, with `-` read as `_`).
+fn is_sensitive_key(key: &str) -> bool {
+    let k = key.to_ascii_lowercase().replace('-', "_");
+    const EXACT: &[&str] = &[
+        "key",
+        "apikey",
+        "api_key",
+        "password",
+        "passwd",
+        "pwd",
+        "pass",
+        "secret",
+        "token",
+        "auth",
+        "authorization",
+        "credential",
+        "credentials",
+        "cookie",
+        "set_cookie",
+        "signature",
+        "sig",
+        "session",
+    ];
+    const SUFFIXES: &[&str] = &[
+        "_key",
+        "_token",
+        "_secret",
+        "password",
+        "_pwd",
+        "_credential",
+        "_signature",
+        "_auth",
+        "apikey",
+    ];
+    EXACT.contains(&k.as_str()) || SUFFIXES.iter().any(|s| k.ends_with(s))
+}
+
+/// The word after an HTTP auth scheme (`Bearer xyz`, `Basic dXNlcjpwYXNz`).
+fn mask_auth_schemes(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    let mut mask_next = false;
+    while !rest.is_empty() {
+        let ws = rest.len() - rest.trim_start().len();
+        out.push_str(&rest[..ws]);
+        rest = &rest[ws..];
+        if rest.is_empty() {
+            break;
+        }
+        let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
+        let word = &rest[..end];
+        if mask_next {
+            out.push_str(REDACTED);
+            // Keep closing punctuation of a quoted header value.
+            let keep: String = word
+                .chars()
+                .rev()
+                .take_while(|c| matches!(c, '"' | '\'' | ',' | '}' | ']'))
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            out.push_str(&keep);
+        } else {
+            out.push_str(word);
+        }
+        let bare = word.trim_matches(|c: char| !c.is_ascii_alphanumeric());
+        mask_next = !mask_next
+            && ["bearer", "basic", "token", "digest"]
+                .iter()
+                .any(|s| bare.eq_ignore_ascii_case(s));
+        rest = &rest[end..];
+    }
+    out
+}
+
+/// `key: value` and `key=value` pairs whose key is sensitive, in JSON, headers and query
+/// strings: the value (up to its closing quote, or the next separator) becomes `[redacted]`.
+fn mask_key_values(text: &str) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    let is_key_char = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    while i < chars.len() {
+        if !is_key_char(chars[i]) || (i > 0 && is_key_char(chars[i - 1])) {
+            out.push(chars[i]);
+            i += 1;
+            continue;
+        }
+        // A key candidate starts here.
+        let start = i;
+        while i < chars.len() && is_key_char(chars[i]) {
+            i += 1;
+        }
+        let key: String = chars[start..i].iter().collect();
+        out.push_str(&key);
+        // Optional closing quote (maybe escaped, inside a JSON string), spaces, ':' or '='.
+        let mut j = i;
+        if j + 1 < chars.len() && chars[j] == '\\' && matches!(chars[j + 1], '"' | '\'') {
+            j += 1;
+        }
+        if j < chars.len() && matches!(chars[j], '"' | '\'') {
+            j += 1;
+        }
+        while j < chars.len() && chars[j] == ' ' {
+            j += 1;
+        }
+        if j >= chars.len() || !matches!(chars[j], ':' | '=') || !is_sensitive_key(&key) {
+            continue;
+        }
+        j += 1;
+        while j < chars.len() && chars[j] == ' ' {
+            j += 1;
+        }
+        if j >= chars.len() || matches!(chars[j], '{' | '[') {
+            continue;
+        }
+        out.extend(&chars[i..j]);
+        let escaped = chars[j] == '\\' && j + 1 < chars.len() && matches!(chars[j + 1], '"' | '\'');
+        if escaped || matches!(chars[j], '"' | '\'') {
+            // Quoted value: up to the matching quote (`\"` inside a JSON string).
+            let open = if escaped { j + 1 } else { j };
+            let quote = chars[open];
+            let mut k = open + 1;
+            while k < chars.len() {
+                if escaped && chars[k] == '\\' && k + 1 < chars.len() && chars[k + 1] == quote {
+                    break;
+                }
+                if !escaped && chars[k] == quote {
+                    break;
+                }
+                if !escaped && chars[k] == '\\' {
+                    k += 1;
+                }
+                k += 1;
+            }
+            out.extend(&chars[j..=open]);
+            out.push_str(REDACTED);
+            i = k.min(chars.len());
+        } else {
+            let mut k = j;
+            while k < chars.len()
+                && !chars[k].is_whitespace()
+                && !matches!(chars[k], ',' | '&' | ';' | '}' | ']')
+            {
+                k += 1;
+            }
+            if k > j {
+                out.push_str(REDACTED);
+            }
+            i = k;
+        }
+    }
+    out
+}
+
+/// Word by word: anything shaped like a key or token.
+fn mask_words(text: &str) -> String {
+    let is_sep = |c: char| {
+        c.is_whitespace()
+            || matches!(
+                c,
+                '"' | '\''
+                    | '`'
+                    | ','
+                    | ';'
+                    | ':'
+                    | '('
+                    | ')'
+                    | '{'
+                    | '}'
+                    | '['
+                    | ']'
+                    | '<'
+                    | '>'
+                    | '&'
+                    | '?'
+            )
+    };
+    let mut out = String::with_capacity(text.len());
     let mut word = String::new();
-    let mut after_bearer = false;
-    let flush = |word: &mut String, out: &mut String, after_bearer: &mut bool| {
+    let flush = |word: &mut String, out: &mut String| {
         if word.is_empty() {
             return;
         }
-        let lower = word.to_ascii_lowercase();
-        let secret = *after_bearer
-            || lower.starts_with("sk-")
-            || lower.starts_with("sk_")
-            || lower.contains("key=")
-            || lower.contains("token=")
-            || (word.len() >= 32
-                && word
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
-        *after_bearer = lower == "bearer";
-        out.push_str(if secret { "[redacted]" } else { word.as_str() });
+        let core = word.trim_end_matches(['.', '!']);
+        if core != REDACTED && looks_secret(core) {
+            out.push_str(REDACTED);
+            out.push_str(&word[core.len()..]);
+        } else {
+            out.push_str(word);
+        }
         word.clear();
     };
-    for c in excerpt.chars() {
+    for c in text.chars() {
         if is_sep(c) {
-            flush(&mut word, &mut out, &mut after_bearer);
+            flush(&mut word, &mut out);
             out.push(c);
         } else {
             word.push(c);
         }
     }
-    flush(&mut word, &mut out, &mut after_bearer);
+    flush(&mut word, &mut out);
     out
+}
+
+fn looks_secret(word: &str) -> bool {
+    let lower = word.to_ascii_lowercase();
+    let keyish = |c: char| c.is_ascii_alphanumeric() || matches!(c, '+' | '/' | '=' | '_' | '-');
+    let base64url = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '='))
+    };
+    let parts: Vec<&str> = word.split('.').collect();
+    [
+        "sk-", "sk_", "pk_", "rk_", "ghp_", "gho_", "xoxb-", "xoxp-", "akia",
+    ]
+    .iter()
+    .any(|p| lower.starts_with(p) && word.len() > p.len() + 3)
+        || [
+            "key=",
+            "token=",
+            "secret=",
+            "password=",
+            "sig=",
+            "signature=",
+        ]
+        .iter()
+        .any(|p| lower.contains(p))
+        || (parts.len() == 3 && word.len() >= 16 && parts.iter().all(|p| base64url(p)))
+        || (word.chars().count() >= 24
+            && word.chars().all(keyish)
+            && !word.chars().all(|c| c.is_ascii_lowercase()))
 }
 
 /// A text-generation backend.
