@@ -15,8 +15,9 @@
 --     PUBLIC.
 --  4. Tenants cannot stall claims: `authenticated` gets statement and idle-in-transaction
 --     timeouts (the claim's SKIP LOCKED on workspace rows is in lifecycle.rs).
---  5. Limits, in the engine-only table bizq_limits: input size and depends_on length are
---     checked at insert; chain depth and dependents per task at admission.
+--  5. Limits, in the engine-only table bizq_limits: input size, depends_on length, and chain
+--     depth and dependents of already-admitted dependencies are checked at insert; admission
+--     checks chain depth and dependents again (dependencies inserted in the same batch).
 --  6. Users can only bind their own auth identity; engine analytics events and customer
 --     metrics are written by the engine's functions only.
 --
@@ -100,6 +101,46 @@ BEGIN
     END IF;
     RAISE EXCEPTION 'task depends on % tasks; the limit is % (bizq_limits.max_depends_on)',
       bad.deps, lim.max_depends_on
+      USING ERRCODE = 'program_limit_exceeded';
+  END IF;
+
+  -- Chain depth and dependents, for dependencies that are already admitted and waiting
+  -- (admission checks the rest, e.g. dependencies inserted in the same batch). One index
+  -- probe per dependency (LATERAL ... OFFSET 0: no statistics on the transition table must
+  -- turn this into a scan of tasks).
+  SELECT d.dep, t.chain_depth
+    INTO bad
+    FROM inserted_tasks n
+   CROSS JOIN LATERAL unnest(n.depends_on) AS d(dep)
+   CROSS JOIN LATERAL (SELECT c.chain_depth
+                         FROM tasks c
+                        WHERE c.id = d.dep
+                          AND c.status = 'pending'
+                          AND c.deps_remaining > 0
+                       OFFSET 0) t
+   WHERE t.chain_depth >= lim.max_chain_depth
+   LIMIT 1;
+  IF FOUND THEN
+    RAISE EXCEPTION 'task % is already % dependencies deep; a task depending on it would exceed the limit of % (bizq_limits.max_chain_depth)',
+      bad.dep, bad.chain_depth, lim.max_chain_depth
+      USING ERRCODE = 'program_limit_exceeded';
+  END IF;
+  SELECT x.dep, x.dependents_count, x.new_dependents
+    INTO bad
+    FROM (SELECT d.dep, t.dependents_count, count(*) AS new_dependents
+            FROM inserted_tasks n
+           CROSS JOIN LATERAL unnest(n.depends_on) AS d(dep)
+           CROSS JOIN LATERAL (SELECT c.dependents_count
+                                 FROM tasks c
+                                WHERE c.id = d.dep
+                                  AND c.status IN ('pending', 'queued', 'processing', 'escalated')
+                               OFFSET 0) t
+           GROUP BY d.dep, t.dependents_count) x
+   WHERE x.dependents_count + x.new_dependents > lim.max_dependents
+   LIMIT 1;
+  IF FOUND THEN
+    RAISE EXCEPTION 'task % already has % dependents; % more would exceed the limit of % (bizq_limits.max_dependents)',
+      bad.dep, bad.dependents_count, bad.new_dependents, lim.max_dependents
       USING ERRCODE = 'program_limit_exceeded';
   END IF;
 

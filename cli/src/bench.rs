@@ -439,6 +439,11 @@ async fn claim_throughput(url: &str, args: &BenchArgs) -> anyhow::Result<(f64, f
     let parent: uuid::Uuid = sqlx::query_scalar("SELECT id FROM tasks")
         .fetch_one(&blocked)
         .await?;
+    // All of them wait on one task: more dependents than the default limit (migration 0009).
+    sqlx::query("UPDATE bizq_limits SET max_dependents = GREATEST(max_dependents, $1::int)")
+        .bind(i32::try_from(args.blocked).unwrap_or(i32::MAX))
+        .execute(&blocked)
+        .await?;
     sqlx::query(
         "INSERT INTO tasks (workspace_id, type, category, name, input, status, depends_on, deps_remaining)
          SELECT workspace_id, 'ai.generate', 'content', 'blocked', '{\"prompt\": \"b\"}', 'pending', ARRAY[id], 1

@@ -129,17 +129,17 @@ async fn input_size_and_depends_on_length_are_limited_at_insert(
     Ok(())
 }
 
-/// Chain depth: with `max_chain_depth = 5`, a chain admitted link by link (so depth is carried
-/// by the stored `chain_depth`) and a chain admitted in one pass (depth found by the walk
-/// through unadmitted tasks) both stop at depth 5; deeper tasks fail with
-/// `dependency_chain_too_deep`.
+/// Chain depth: with `max_chain_depth = 5`, a chain stops at depth 5 whether its links are
+/// admitted one by one (depth carried by the stored `chain_depth`; a task on top of an admitted
+/// depth-5 task is refused at insert) or in one pass (depth found by the walk through
+/// unadmitted tasks); deeper tasks fail admission with `dependency_chain_too_deep`.
 #[sqlx::test(migrations = "../migrations")]
-async fn chain_depth_is_limited_at_admission(pool: PgPool) -> anyhow::Result<()> {
+async fn chain_depth_is_limited(pool: PgPool) -> anyhow::Result<()> {
     set_limit(&pool, "max_chain_depth", 5).await?;
     let ws = workspace(&pool, 1000).await?;
     // Link by link; the head is held back (scheduled later) so the chain stays unfinished.
     let mut ids = Vec::new();
-    for i in 0..7 {
+    for i in 0..5 {
         let id = Uuid::new_v4();
         let deps: Vec<Uuid> = ids.last().copied().into_iter().collect();
         task(&pool, ws, id, &deps).await?;
@@ -152,6 +152,14 @@ async fn chain_depth_is_limited_at_admission(pool: PgPool) -> anyhow::Result<()>
         admit(&pool).await?;
         ids.push(id);
     }
+    // Depth 5 and 6 inserted before admission sees depth 5: both pass the insert check
+    // (depth 4 is the deepest admitted task), admission takes depth 5 and rejects depth 6:
+    // the walk through unadmitted depth 5 continues with depth 4's stored chain_depth.
+    let (d5, d6) = (Uuid::new_v4(), Uuid::new_v4());
+    task(&pool, ws, d5, &[ids[4]]).await?;
+    task(&pool, ws, d6, &[d5]).await?;
+    admit(&pool).await?;
+    ids.extend([d5, d6]);
     for (depth, id) in ids.iter().enumerate() {
         let code = error_code(&pool, *id).await?;
         if depth <= 5 {
@@ -165,6 +173,10 @@ async fn chain_depth_is_limited_at_admission(pool: PgPool) -> anyhow::Result<()>
             );
         }
     }
+    // Now depth 5 is admitted: a task on top of it is refused at insert.
+    let r = task(&pool, ws, Uuid::new_v4(), &[d5]).await;
+    let msg = format!("{:#}", r.expect_err("depth 6 inserted"));
+    assert!(msg.contains("max_chain_depth"), "{msg}");
 
     // All at once: one statement, one admission pass.
     let ws = workspace(&pool, 1000).await?;
@@ -187,10 +199,11 @@ async fn chain_depth_is_limited_at_admission(pool: PgPool) -> anyhow::Result<()>
     Ok(())
 }
 
-/// Dependents per task: with `max_dependents = 3`, three of five tasks waiting on one task
-/// are admitted and two fail with `too_many_dependents`.
+/// Dependents per task: with `max_dependents = 3`, three of five tasks inserted together and
+/// waiting on one task are admitted and two fail at admission with `too_many_dependents`; once
+/// three are admitted, the next is refused at insert.
 #[sqlx::test(migrations = "../migrations")]
-async fn dependents_per_task_are_limited_at_admission(pool: PgPool) -> anyhow::Result<()> {
+async fn dependents_per_task_are_limited(pool: PgPool) -> anyhow::Result<()> {
     set_limit(&pool, "max_dependents", 3).await?;
     let ws = workspace(&pool, 1000).await?;
     let head = Uuid::new_v4();
@@ -216,6 +229,10 @@ async fn dependents_per_task_are_limited_at_admission(pool: PgPool) -> anyhow::R
         .fetch_one(&pool)
         .await?;
     assert_eq!(count, 3);
+    // With three admitted, a sixth is refused at insert.
+    let r = task(&pool, ws, Uuid::new_v4(), &[head]).await;
+    let msg = format!("{:#}", r.expect_err("a fourth dependent inserted"));
+    assert!(msg.contains("max_dependents"), "{msg}");
     Ok(())
 }
 

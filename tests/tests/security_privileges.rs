@@ -149,3 +149,29 @@ async fn tenant_sessions_have_timeouts(pool: PgPool) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Every SECURITY DEFINER function of schema `public` pins its `search_path`, so a caller
+/// cannot shadow the tables it reads with objects of their own.
+#[sqlx::test(migrations = "../migrations")]
+async fn definer_functions_pin_search_path(pool: PgPool) -> anyhow::Result<()> {
+    let unpinned: Vec<String> = sqlx::query_scalar(
+        "SELECT p.oid::regprocedure::text
+           FROM pg_proc p
+           JOIN pg_namespace n ON n.oid = p.pronamespace
+          WHERE n.nspname = 'public'
+            AND p.prosecdef
+            AND NOT EXISTS (SELECT 1 FROM unnest(p.proconfig) AS c(setting)
+                             WHERE c.setting LIKE 'search_path=%')",
+    )
+    .fetch_all(&pool)
+    .await?;
+    assert!(unpinned.is_empty(), "{unpinned:?}");
+    let definers: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+          WHERE n.nspname = 'public' AND p.prosecdef",
+    )
+    .fetch_one(&pool)
+    .await?;
+    assert!(definers >= 20, "{definers}");
+    Ok(())
+}
