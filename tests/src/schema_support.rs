@@ -390,3 +390,23 @@ pub fn expect_sqlstate<T: std::fmt::Debug>(
 pub fn migrations_dir() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations")
 }
+
+/// Asserts that a tenant's move of a `table` row into another workspace was refused: by the
+/// RLS policy's WITH CHECK ([`expect_rls_violation`]), except for `tasks`, whose
+/// `workspace_id` is not among the columns a tenant may write at all (migration 0009's
+/// column grants), so the privilege check refuses it before any policy is evaluated.
+pub fn expect_move_refused<T: std::fmt::Debug>(
+    table: &str,
+    result: Result<T, sqlx::Error>,
+    what: &str,
+) {
+    if table == "tasks" {
+        let message = expect_sqlstate(result, "42501", what);
+        assert!(
+            message.contains("permission denied for table tasks"),
+            "{what}: expected the column privilege to refuse it: {message}"
+        );
+    } else {
+        expect_rls_violation(result, what);
+    }
+}

@@ -2,8 +2,8 @@
 //! workspace-scoped table.
 
 use bizq_tests::schema_support::{
-    TABLES, act_as, act_as_service, connect, count, create_tenant, exec, expect_permission_denied,
-    expect_rls_violation, expect_sqlstate, fresh_row, insert_sql, move_all_sql, move_sql,
+    TABLES, act_as, act_as_service, connect, count, create_tenant, exec, expect_move_refused,
+    expect_permission_denied, expect_sqlstate, fresh_row, insert_sql, move_all_sql, move_sql,
     seed_rows, touch_sql, workspace_column,
 };
 
@@ -63,6 +63,12 @@ async fn move_alone(
 /// is their primary key, which no role may update (no column privilege).
 #[sqlx::test(migrations = "../migrations")]
 async fn tenants_are_isolated_on_every_table(pool: sqlx::PgPool) -> anyhow::Result<()> {
+    // Tenants write store credentials only once the engine keeps the key (migration 0009:
+    // `bizq credentials set-key`); a tenant session's own key is ignored.
+    sqlx::query("SELECT bizq_set_credentials_key($1)")
+        .bind(bizq_tests::schema_support::CREDENTIALS_KEY)
+        .execute(&pool)
+        .await?;
     let a = create_tenant(&pool, "tenant-a").await?;
     let b = create_tenant(&pool, "tenant-b").await?;
     let rows_a = seed_rows(&pool, &a).await?;
@@ -165,14 +171,15 @@ async fn tenants_are_isolated_on_every_table(pool: sqlx::PgPool) -> anyhow::Resu
             // (WITH CHECK and the SELECT policy both apply), then alone (WITH CHECK only).
             let mover = fresh_row(&pool, table, a.id, rows_a["products"]).await?;
             let r = exec(&mut conn, &move_sql(table, mover, b.id, &rows_b)).await;
-            expect_rls_violation(r, &format!("{table}: {who} of A moves a row into B"));
+            expect_move_refused(table, r, &format!("{table}: {who} of A moves a row into B"));
             let actor = if who == "owner" {
                 a.owner.user_id
             } else {
                 a.admin.user_id
             };
             let r = move_alone(&mut conn, table, mover, actor, a.id, b.id, &rows_b).await?;
-            expect_rls_violation(
+            expect_move_refused(
+                table,
                 r,
                 &format!("{table}: {who} of A moves a row into B (WITH CHECK alone)"),
             );
@@ -294,7 +301,11 @@ async fn tenants_are_isolated_on_every_table(pool: sqlx::PgPool) -> anyhow::Resu
                 assert_eq!(r?, 0, "{table}: member moved a row it cannot update")
             }
             _ => {
-                expect_rls_violation(r, &format!("{table}: member of A moves a row into B"));
+                expect_move_refused(
+                    table,
+                    r,
+                    &format!("{table}: member of A moves a row into B"),
+                );
                 let r = move_alone(
                     &mut conn,
                     table,
@@ -305,7 +316,8 @@ async fn tenants_are_isolated_on_every_table(pool: sqlx::PgPool) -> anyhow::Resu
                     &rows_b,
                 )
                 .await?;
-                expect_rls_violation(
+                expect_move_refused(
+                    table,
                     r,
                     &format!("{table}: member of A moves a row into B (WITH CHECK alone)"),
                 );
