@@ -149,6 +149,7 @@ impl InProcessFleet {
             .map(|i| {
                 tokio::spawn(
                     Worker::new(pool.clone(), config.clone(), format!("test-worker-{i}"))
+                        .expect("the worker's providers build from the test config")
                         .run(stop.clone()),
                 )
             })
