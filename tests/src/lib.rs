@@ -1,3 +1,4 @@
 //! Test support.
 pub mod engine;
 pub mod schema_support;
+pub mod stand_in;
