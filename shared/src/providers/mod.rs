@@ -428,7 +428,8 @@ impl Providers {
 
     /// Picks provider, model and prices for a task:
     /// 1. `ai_model` pins the model (and so its provider); a model without a `[models]` entry
-    ///    fails the task, except on the mock, which answers for any name.
+    ///    fails the task, except on the mock (pinned, or a fleet without `[models]`), which
+    ///    answers for any name.
     /// 2. `ai_provider` (not `auto`) pins the provider; its model is chosen as in 3.
     /// 3. Otherwise the workspace's `preferred_provider` (if configured), else every provider:
     ///    the models of the workspace's `quality_tier` (all models if none is of that tier)
@@ -454,13 +455,22 @@ impl Providers {
                     }
                     self.route_to_model(model, m)
                 }
-                None if pinned_provider.unwrap_or(&self.default) == "mock" => Ok(Route {
-                    provider: self.provider("mock")?,
-                    model: model.to_string(),
-                    upstream: Some(model.to_string()),
-                    prices: None,
-                    max_tokens: None,
-                }),
+                // The mock answers for any model name when the task pins it, or when the
+                // fleet has no `[models]` at all (demos, benchmarks); a fleet that prices
+                // models never runs an unpriced one.
+                None if pinned_provider == Some("mock")
+                    || (pinned_provider.is_none()
+                        && self.models.is_empty()
+                        && self.default == "mock") =>
+                {
+                    Ok(Route {
+                        provider: self.provider("mock")?,
+                        model: model.to_string(),
+                        upstream: Some(model.to_string()),
+                        prices: None,
+                        max_tokens: None,
+                    })
+                }
                 None => Err(TaskError::permanent(
                     "unknown_model",
                     format!(
