@@ -374,34 +374,44 @@ async fn headers_lower_a_bucket_but_never_raise_it(pool: PgPool) -> anyhow::Resu
         move |name: &str| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| *v)
     };
 
-    // OpenAI: 3 requests left (we hold 25), 100,000 tokens left (we hold 2,500 and 250).
+    // The requests bucket holds a whole minute here (600, refilling at 10/s), so that neither
+    // its cap nor its refill hides a raise during the test.
+    sqlx::query(
+        "UPDATE provider_budgets SET burst = 600, tokens = 600, refilled_at = now()
+          WHERE provider = 'p' AND dimension = 'requests'",
+    )
+    .execute(&pool)
+    .await?;
+
+    // OpenAI: 3 requests left.
     let lowered = budgets
-        .observe_headers(
-            "p",
-            headers(&[
-                ("x-ratelimit-remaining-requests", "3"),
-                ("x-ratelimit-remaining-tokens", "100000"),
-            ]),
-        )
+        .observe_headers("p", headers(&[("x-ratelimit-remaining-requests", "3")]))
         .await?;
     assert_eq!(lowered, vec![Dimension::Requests]);
     let requests = bucket(&pool, "p", "requests").await?;
     assert!(close(requests.tokens, 3.0), "{requests:?}");
-    assert!(close(
-        bucket(&pool, "p", "input_tokens").await?.tokens,
-        2_500.0
-    ));
 
     // A higher figure later does not raise it.
     let lowered = budgets
-        .observe_headers("p", headers(&[("x-ratelimit-remaining-requests", "20")]))
+        .observe_headers("p", headers(&[("x-ratelimit-remaining-requests", "50")]))
         .await?;
     assert!(lowered.is_empty(), "{lowered:?}");
     let again = bucket(&pool, "p", "requests").await?;
     assert_eq!(
         (again.tokens, again.refilled_at),
-        (requests.tokens, requests.refilled_at)
+        (requests.tokens, requests.refilled_at),
+        "raised by a higher remaining figure"
     );
+
+    // 100,000 tokens left is more than the token buckets hold (2,500 and 250): no change.
+    let lowered = budgets
+        .observe_headers("p", headers(&[("x-ratelimit-remaining-tokens", "100000")]))
+        .await?;
+    assert!(lowered.is_empty(), "{lowered:?}");
+    assert!(close(
+        bucket(&pool, "p", "input_tokens").await?.tokens,
+        2_500.0
+    ));
 
     // OpenAI's combined figure below both token buckets lowers both; Anthropic's output
     // figure lowers output further.
