@@ -19,7 +19,7 @@ pub enum TaskErrorKind {
     /// Rate limited: the task waits until `until` WITHOUT using an attempt.
     Snooze {
         until: DateTime<Utc>,
-        reason: String,
+        reason: &'static str,
     },
     /// The provider cannot serve anyone (bad key, exhausted account): the provider is parked
     /// fleet-wide and the task waits, without using an attempt, until it is probed again.
@@ -32,21 +32,21 @@ pub enum TaskErrorKind {
 #[error("{message}")]
 pub struct TaskError {
     pub kind: TaskErrorKind,
-    /// Machine-readable code, e.g. `rate_limited`, `provider_unavailable`, `bad_request`.
-    pub code: String,
+    /// Machine-readable code, e.g. `rate_limited`, `provider_auth`, `bad_request`.
+    pub code: &'static str,
     /// For people.
     pub message: String,
     pub http_status: Option<u16>,
-    pub body_excerpt: Option<String>,
+    pub body_excerpt: Option<Box<str>>,
     /// The provider's request id, when it sent one.
-    pub request_id: Option<String>,
+    pub request_id: Option<Box<str>>,
 }
 
 impl TaskError {
-    pub fn permanent(code: &str, message: impl Into<String>) -> Self {
+    pub fn permanent(code: &'static str, message: impl Into<String>) -> Self {
         Self {
             kind: TaskErrorKind::Permanent,
-            code: code.into(),
+            code,
             message: message.into(),
             http_status: None,
             body_excerpt: None,
@@ -54,14 +54,18 @@ impl TaskError {
         }
     }
 
-    pub fn retryable(code: &str, message: impl Into<String>) -> Self {
+    pub fn retryable(code: &'static str, message: impl Into<String>) -> Self {
         Self {
             kind: TaskErrorKind::Retryable { retry_after: None },
             ..Self::permanent(code, message)
         }
     }
 
-    pub fn provider_unavailable(provider: &str, code: &str, message: impl Into<String>) -> Self {
+    pub fn provider_unavailable(
+        provider: &str,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
         Self {
             kind: TaskErrorKind::ProviderUnavailable {
                 provider: provider.into(),
@@ -128,7 +132,7 @@ pub fn classify(
                 until: now
                     + chrono::Duration::from_std(wait.unwrap_or(DEFAULT_RATE_LIMIT_WAIT))
                         .unwrap_or_default(),
-                reason: "rate_limited".into(),
+                reason: "rate_limited",
             },
             "rate_limited",
         ),
@@ -151,10 +155,10 @@ pub fn classify(
         .unwrap_or_default();
     TaskError {
         kind,
-        code: code.into(),
+        code,
         message: format!("{provider} answered HTTP {status}{detail}"),
         http_status: Some(status),
-        body_excerpt: Some(redact(body, EXCERPT_CHARS)),
+        body_excerpt: Some(redact(body, EXCERPT_CHARS).into_boxed_str()),
         request_id: request_id(headers),
     }
 }
@@ -205,10 +209,10 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 /// `x-request-id` (OpenAI and compatibles) or `request-id` (Anthropic).
-pub fn request_id(headers: &HeaderMap) -> Option<String> {
+pub fn request_id(headers: &HeaderMap) -> Option<Box<str>> {
     header(headers, "x-request-id")
         .or_else(|| header(headers, "request-id"))
-        .map(|s| s.chars().take(200).collect())
+        .map(|s| s.chars().take(200).collect::<String>().into_boxed_str())
 }
 
 /// The `message` of an OpenAI (`{"error": {"message"}}`) or Anthropic
@@ -351,7 +355,7 @@ mod tests {
             kind(429, &[("retry-after-ms", "1500")], ""),
             TaskErrorKind::Snooze {
                 until: now() + chrono::Duration::milliseconds(1500),
-                reason: "rate_limited".into()
+                reason: "rate_limited"
             }
         );
     }

@@ -46,7 +46,7 @@ pub struct Answer {
     pub finish_reason: Option<String>,
     /// The answer was cut at `max_tokens` (`length` / `max_tokens`): it completes, flagged.
     pub truncated: bool,
-    pub request_id: Option<String>,
+    pub request_id: Option<Box<str>>,
 }
 
 /// A text-generation backend.
