@@ -340,10 +340,20 @@ async fn a_401_parks_the_provider_until_the_key_is_fixed(pool: PgPool) -> anyhow
     tokio::time::sleep(Duration::from_secs(4)).await;
     let later_calls = server.received_requests().await.map_or(0, |r| r.len());
     assert!(later_calls > first_calls, "probed after the cool-down");
-    assert!(
-        waiting_for_provider(&pool, &ids).await?,
-        "still waiting, none failed"
-    );
+    // A probe may be in flight right now; the tasks are back to waiting once it is refused.
+    let deadline = std::time::Instant::now() + T;
+    while !waiting_for_provider(&pool, &ids).await? {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "tasks never parked again"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let finished: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM tasks WHERE status IN ('failed', 'completed')")
+            .fetch_one(&pool)
+            .await?;
+    assert_eq!(finished, 0, "waiting for a parked provider fails nothing");
     fleet.shutdown().await?;
 
     set_key("BIZQ_T_ERR_401", "sk-good-key-0008");
