@@ -126,13 +126,13 @@ async fn a_429_with_retry_after_ms_snoozes(pool: PgPool) -> anyhow::Result<()> {
 /// A 429 whose `Retry-After` is an HTTP date snoozes until that date.
 #[sqlx::test(migrations = "../migrations")]
 async fn a_429_with_an_http_date_retry_after_snoozes(pool: PgPool) -> anyhow::Result<()> {
-    let at = chrono::Utc::now() + chrono::Duration::seconds(4);
+    let at = chrono::Utc::now() + chrono::Duration::seconds(5);
     let r429 = openai_error(429, "slow down", "rate_limit_exceeded").insert_header(
         "retry-after",
         at.format("%a, %d %b %Y %H:%M:%S GMT").to_string(),
     );
-    // Whole seconds on the wire: the wait is between 3 and 4 s (less what the call took).
-    snoozes_then_completes(&pool, r429, "BIZQ_T_ERR_DATE", 2000.0, 4000.0).await
+    // Whole seconds on the wire: the wait is between 4 and 5 s (less what the call took).
+    snoozes_then_completes(&pool, r429, "BIZQ_T_ERR_DATE", 2500.0, 5000.0).await
 }
 
 /// A 429 with only OpenAI's reset headers (Go durations) snoozes until the later reset.
@@ -140,8 +140,8 @@ async fn a_429_with_an_http_date_retry_after_snoozes(pool: PgPool) -> anyhow::Re
 async fn a_429_with_only_reset_headers_snoozes(pool: PgPool) -> anyhow::Result<()> {
     let r429 = openai_error(429, "slow down", "rate_limit_exceeded")
         .insert_header("x-ratelimit-reset-requests", "1.5s")
-        .insert_header("x-ratelimit-reset-tokens", "0m2.5s");
-    snoozes_then_completes(&pool, r429, "BIZQ_T_ERR_RESET", 1500.0, 2500.0).await
+        .insert_header("x-ratelimit-reset-tokens", "0m3.5s");
+    snoozes_then_completes(&pool, r429, "BIZQ_T_ERR_RESET", 2500.0, 3500.0).await
 }
 
 /// A 500 is transient: the task is retried with backoff and completes on attempt 2.
