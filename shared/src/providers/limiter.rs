@@ -56,7 +56,8 @@
 //! - **Settle** corrects the take with the response's usage: output was taken at
 //!   `max_tokens` and the unused part comes back; input was an estimate.
 //! - **Headers** only ever lower a bucket, to what the provider says remains.
-//! - **Blocked**: after a 429 nothing is taken before `blocked_until`.
+//! - **Blocked**: after a 429 nothing is taken before `blocked_until`, not even as a
+//!   reservation; callers snooze until then.
 //! - **Slots** cap calls in flight across the fleet; a slot expires, so a crashed worker's
 //!   slots come back by themselves.
 //!
@@ -362,6 +363,9 @@ impl Budgets {
     ///   result (the locked row is the latest version), so no two takes spend the same tokens.
     /// - `ready`: when each bucket will hold what is asked (or be full, for an ask above its
     ///   burst); `verdict` picks the latest of those, and of `blocked_until`.
+    /// - `blocked`: a block in force refuses outright, however long the caller would wait: a
+    ///   reservation through a block would send every caller that lined up during it at the
+    ///   moment it ends, the opposite of backing off.
     /// - `free_slot` picks a free or expired slot with `SKIP LOCKED`: callers never queue on
     ///   one counter row, and a slot cannot be handed out twice.
     /// - `took` and `held` write only when everything fits within `max_wait`.
@@ -391,14 +395,17 @@ impl Budgets {
                         now() + make_interval(secs => greatest(0, least(c.amount, c.burst) - c.level) * 60.0 / c.capacity) AS ready_at
                    FROM bucket c
              ),
+             blocked AS (
+                 SELECT max(b.blocked_until) AS until
+                   FROM provider_budgets b
+                  WHERE b.provider = $1
+                    AND b.blocked_until > now()
+             ),
              verdict AS (
                  SELECT w.reason, w.ready_at
                    FROM (SELECT r.dimension AS reason, r.ready_at FROM ready r
                          UNION ALL
-                         SELECT 'blocked', max(b.blocked_until)
-                           FROM provider_budgets b
-                          WHERE b.provider = $1
-                            AND b.blocked_until > now()
+                         SELECT 'blocked', k.until FROM blocked k
                          UNION ALL
                          SELECT NULL, now()) AS w
                   WHERE w.ready_at IS NOT NULL
@@ -424,6 +431,7 @@ impl Budgets {
              decision AS (
                  SELECT v.reason, v.ready_at,
                         NOT EXISTS (SELECT 1 FROM too_large)
+                          AND (SELECT k.until FROM blocked k) IS NULL
                           AND v.ready_at <= now() + make_interval(secs => $4) AS in_budget,
                         EXISTS (SELECT 1 FROM free_slot)
                           OR NOT EXISTS (SELECT 1 FROM provider_slots s WHERE s.provider = $1) AS slot_free
@@ -452,6 +460,7 @@ impl Budgets {
                  RETURNING s.slot
              )
              SELECT d.in_budget, d.slot_free, d.reason, d.ready_at,
+                    (SELECT k.until FROM blocked k) IS NOT NULL AS blocked,
                     greatest(0, extract(epoch FROM d.ready_at - now())::float8) AS delay_secs,
                     now() + make_interval(secs => $7) AS slot_retry_at,
                     (SELECT h.slot FROM held h) AS slot,
@@ -487,9 +496,10 @@ impl Budgets {
             });
         }
         if !in_budget {
+            let blocked: bool = row.try_get("blocked")?;
             let reason = match reason.as_deref().and_then(Dimension::parse) {
-                Some(d) => WaitReason::Budget(d),
-                None => WaitReason::Blocked,
+                Some(d) if !blocked => WaitReason::Budget(d),
+                _ => WaitReason::Blocked,
             };
             return Err(TakeError::Wait {
                 provider: provider.to_owned(),
