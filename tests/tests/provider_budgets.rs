@@ -480,6 +480,18 @@ async fn a_block_refuses_every_take_until_its_time(pool: PgPool) -> anyhow::Resu
         before.refilled_at
     );
 
+    let status = budgets.status().await?;
+    let requests = status
+        .iter()
+        .find(|row| row.provider == "p" && row.dimension == Dimension::Requests)
+        .expect("a requests row");
+    assert_eq!(requests.per_minute, Some(6_000));
+    assert!(
+        requests
+            .blocked_until
+            .is_some_and(|b| (b - until).num_milliseconds().abs() < 1)
+    );
+
     // A provider without budgets is blocked as well.
     budgets.block_until("unconfigured", until).await?;
     assert!(matches!(
@@ -498,6 +510,12 @@ async fn a_block_refuses_every_take_until_its_time(pool: PgPool) -> anyhow::Resu
         .await?;
     let permit = budgets.take("p", &ask(0, 0, Duration::ZERO)).await?;
     permit.settle_unknown(&budgets).await?;
+    let status = budgets.status().await?;
+    assert_eq!(status.len(), 6, "three rows each for p and unconfigured");
+    assert!(
+        status.iter().all(|row| row.blocked_until.is_none()),
+        "status shows no block once it has passed"
+    );
     let permit = budgets
         .take("unconfigured", &ask(0, 0, Duration::ZERO))
         .await?;
@@ -699,6 +717,15 @@ async fn slots_of_a_crashed_worker_come_back_after_expiry(pool: PgPool) -> anyho
     .await?;
     let live = budgets.take("p", &ask(0, 0, Duration::ZERO)).await?;
     let slot = live.slot().expect("a capped provider hands out a slot");
+    let status = budgets.status().await?;
+    assert_eq!(status.iter().filter(|row| row.provider == "p").count(), 3);
+    assert!(
+        status
+            .iter()
+            .filter(|row| row.provider == "p")
+            .all(|row| row.max_in_flight == Some(2) && row.in_flight == 1),
+        "expired slots are not counted as in flight: {status:?}"
+    );
 
     // The crashed worker comes back late and releases what it thought it held.
     for permit in crashed {

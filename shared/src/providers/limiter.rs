@@ -660,6 +660,60 @@ impl Budgets {
         .await?;
         Ok(())
     }
+
+    /// **Status** (for operators, e.g. `bizq providers`): every budget row as it stands now,
+    /// read without locks (the level is refilled in the query, nothing is written).
+    pub async fn status(&self) -> Result<Vec<BudgetStatus>> {
+        let rows = sqlx::query(
+            "SELECT b.provider, b.dimension, b.capacity,
+                    least(b.burst,
+                          b.tokens + b.capacity * extract(epoch FROM now() - b.refilled_at)::float8 / 60.0) AS level,
+                    CASE WHEN b.blocked_until > now() THEN b.blocked_until END AS blocked_until,
+                    (SELECT count(*) FILTER (WHERE s.holder IS NOT NULL AND s.expires_at > now())
+                       FROM provider_slots s WHERE s.provider = b.provider) AS slots_held,
+                    (SELECT count(*) FROM provider_slots s WHERE s.provider = b.provider) AS slots
+               FROM provider_budgets b
+              ORDER BY b.provider, b.dimension",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let dimension: String = r.try_get("dimension")?;
+            let Some(dimension) = Dimension::parse(&dimension) else {
+                continue;
+            };
+            let slots: i64 = r.try_get("slots")?;
+            out.push(BudgetStatus {
+                provider: r.try_get("provider")?,
+                dimension,
+                per_minute: r
+                    .try_get::<Option<i64>, _>("capacity")?
+                    .map(|c| c.max(0) as u64),
+                level: r.try_get("level")?,
+                blocked_until: r.try_get("blocked_until")?,
+                max_in_flight: (slots > 0).then_some(slots.max(0) as u64),
+                in_flight: r.try_get::<i64, _>("slots_held")?.max(0) as u64,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// One budget row as [`Budgets::status`] reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BudgetStatus {
+    pub provider: String,
+    pub dimension: Dimension,
+    /// `None` = unlimited.
+    pub per_minute: Option<u64>,
+    /// What the bucket holds now; negative while reservations are outstanding.
+    pub level: Option<f64>,
+    /// A 429's block still in force.
+    pub blocked_until: Option<DateTime<Utc>>,
+    /// The provider's fleet-wide cap, and slots held now (the same on each of its rows).
+    pub max_in_flight: Option<u64>,
+    pub in_flight: u64,
 }
 
 /// A bucket's burst for a per-minute capacity: [`BURST`] worth, at least 1, at most the
