@@ -18,8 +18,12 @@
 //!                 max_wait: Duration::from_secs(2), hold_for: timeout + Duration::from_secs(10) };
 //! let permit = match budgets.take("openai", &ask).await {
 //!     Ok(permit) => permit,
-//!     // Out of budget (or blocked after a 429, or every slot busy): snooze the task until
-//!     // `until` without using an attempt. No retry loop in the worker.
+//!     // Every slot busy: slots free up as calls end, so wait `after` (IN_FLIGHT_RETRY) in
+//!     // process and take again (or snooze, if the worker prefers to let the task go).
+//!     Err(TakeError::Wait { reason: WaitReason::InFlight, after, .. }) => { sleep(after); retry }
+//!     // Out of budget, or blocked after a 429: snooze the task until `until` (database
+//!     // clock, so it can go straight into `scheduled_for`) without using an attempt. Under
+//!     // `auto` routing, try the next provider of the tier first: a refused take took nothing.
 //!     Err(TakeError::Wait { until, reason, .. }) => return snooze(until, reason),
 //!     // More than a whole minute's budget: it can never go. Fail the task.
 //!     Err(e @ TakeError::TooLarge { .. }) => return fail_permanently(e),
