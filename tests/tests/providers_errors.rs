@@ -119,8 +119,8 @@ async fn a_429_with_retry_after_ms_snoozes(pool: PgPool) -> anyhow::Result<()> {
         "Rate limit reached for requests",
         "rate_limit_exceeded",
     )
-    .insert_header("retry-after-ms", "2500");
-    snoozes_then_completes(&pool, r429, "BIZQ_T_ERR_MS", 1500.0, 2500.0).await
+    .insert_header("retry-after-ms", "3500");
+    snoozes_then_completes(&pool, r429, "BIZQ_T_ERR_MS", 2500.0, 3500.0).await
 }
 
 /// A 429 whose `Retry-After` is an HTTP date snoozes until that date.
