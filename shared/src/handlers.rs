@@ -11,6 +11,10 @@ use crate::providers::{GenerateRequest, Preferences, Providers, RouteRequest};
 /// Why an attempt failed; the same shape whether the handler or the provider said so.
 pub use crate::providers::{TaskError, TaskErrorKind};
 
+/// `error_details.code` of a task that waited because its provider was already parked (no
+/// call was made).
+pub const PROVIDER_PARKED: &str = "provider_parked";
+
 /// Every task type this version of BizQ can run. The scheduler rejects other types at
 /// admission, so an unknown type fails with a clear error instead of waiting forever.
 pub const KNOWN_TYPES: &[&str] = &["ai.generate"];
@@ -108,7 +112,7 @@ pub async fn run(providers: &Providers, task: &TaskContext) -> Result<HandlerOut
             if providers.is_parked(&name) {
                 return Err(TaskError::provider_unavailable(
                     &name,
-                    "provider_unavailable",
+                    PROVIDER_PARKED,
                     format!(
                         "provider '{name}' is parked after an authentication or quota failure; waiting for it"
                     ),

@@ -793,13 +793,14 @@ pub enum FailureAction {
     /// **Snooze**: back to `pending`, due after the delay, the attempt NOT counted (rate
     /// limited: the provider said when to come back).
     Snooze(Duration),
-    /// **Park**: the provider is parked fleet-wide for `park_for`; the task goes back to
-    /// `pending` with `wait_reason = 'provider_unavailable'`, the attempt NOT counted, until
-    /// `unpark_providers` sees the park expire.
+    /// **Park**: the task goes back to `pending` with `wait_reason = 'provider_unavailable'`,
+    /// the attempt NOT counted, until `unpark_providers` sees the provider's park expire.
+    /// `park: Some((for, reason))` parks the provider fleet-wide (it just refused a call);
+    /// `None` waits for the park already recorded (the worker knew it was parked and did not
+    /// call), so tasks arriving during a park never extend it and the probe still happens.
     Park {
         provider: String,
-        park_for: Duration,
-        reason: String,
+        park: Option<(Duration, String)>,
     },
 }
 
@@ -875,15 +876,13 @@ pub async fn finish_batch(
             FailureAction::Retry(d) => ("retry", Some(d.as_millis() as i64)),
             FailureAction::Fail => ("failed", None),
             FailureAction::Snooze(d) => ("snooze", Some(d.as_millis() as i64)),
-            FailureAction::Park {
-                provider,
-                park_for,
-                reason,
-            } => {
-                parks.insert(
-                    provider.clone(),
-                    (park_for.as_millis() as i64, reason.clone()),
-                );
+            FailureAction::Park { provider, park } => {
+                if let Some((park_for, reason)) = park {
+                    parks.insert(
+                        provider.clone(),
+                        (park_for.as_millis() as i64, reason.clone()),
+                    );
+                }
                 ("park", None)
             }
         };

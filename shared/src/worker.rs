@@ -16,6 +16,7 @@ use uuid::Uuid;
 
 use crate::Result;
 use crate::config::Config;
+use crate::handlers::PROVIDER_PARKED;
 use crate::handlers::{self, TaskContext};
 use crate::lifecycle::{
     self, CHANNEL_CANCEL, CHANNEL_QUEUED, ClaimRequest, ClaimedTask, Completion, Failure,
@@ -424,6 +425,14 @@ fn failure(
             details["retry_in_ms"] = json!(d.as_millis() as u64);
             FailureAction::Snooze(d)
         }
+        TaskErrorKind::ProviderUnavailable { provider } if error.code == PROVIDER_PARKED => {
+            // Known to be parked: wait for the recorded park, do not extend it.
+            details["provider"] = json!(provider);
+            FailureAction::Park {
+                provider: provider.clone(),
+                park: None,
+            }
+        }
         TaskErrorKind::ProviderUnavailable { provider } => {
             let park_for = Duration::from_secs(config.providers.park_seconds);
             let until =
@@ -435,8 +444,7 @@ fn failure(
                            "provider parked fleet-wide: {}", error.message);
             FailureAction::Park {
                 provider: provider.clone(),
-                park_for,
-                reason: format!("{}: {}", error.code, error.message),
+                park: Some((park_for, format!("{}: {}", error.code, error.message))),
             }
         }
     };

@@ -210,3 +210,45 @@ async fn admission_estimates_ai_costs_and_escalates_over_max_task_cost(
     fleet.shutdown().await?;
     Ok(())
 }
+
+/// A task pinned to a provider that is already parked waits for the recorded park without
+/// calling it and without extending it (`provider_parked`, `parked_until` unchanged), so
+/// tasks arriving during a park cannot postpone the probe; when the park expires it runs on
+/// its first attempt.
+#[sqlx::test(migrations = "../migrations")]
+async fn a_task_for_a_parked_provider_waits_without_extending_the_park(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    let (alpha, _beta, config) = two_providers("WAIT").await;
+    let parked_until: chrono::DateTime<chrono::Utc> = sqlx::query_scalar(
+        "INSERT INTO provider_status (provider, parked_until, reason)
+         VALUES ('alpha', now() + interval '3 seconds', 'provider_auth: test')
+         RETURNING parked_until",
+    )
+    .fetch_one(&pool)
+    .await?;
+    let ws = workspace(&pool, 100).await?;
+    let id = ai_task(&pool, ws, json!({"prompt": "p"}), Some("alpha"), None).await?;
+    let engine = engine_pool(&pool, &config).await?;
+    let fleet = InProcessFleet::start(&engine, &config, 1, 1);
+    wait_for(
+        &pool,
+        "SELECT wait_reason = 'provider_unavailable' AND error_details ->> 'code' = 'provider_parked'
+           FROM tasks",
+        T,
+    )
+    .await?;
+    let now_until: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT parked_until FROM provider_status WHERE provider = 'alpha'")
+            .fetch_one(&pool)
+            .await?;
+    assert_eq!(now_until, parked_until, "the park was not extended");
+    assert_eq!(alpha.received_requests().await.map(|r| r.len()), Some(0));
+    let row = wait_status(&pool, id, "completed", T).await?;
+    fleet.shutdown().await?;
+    assert_eq!(
+        (row.attempt, row.ai_provider.as_deref()),
+        (1, Some("alpha"))
+    );
+    Ok(())
+}
