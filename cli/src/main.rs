@@ -1,5 +1,5 @@
-//! `bizq`: the admin CLI — migrate, enqueue, list, inspect, retry, cancel, stats — plus the
-//! local demo and the benchmark.
+//! `bizq`: the admin CLI — migrate, enqueue, list, inspect, retry, cancel, stats, providers —
+//! plus the local demo and the benchmark.
 
 mod admin;
 mod bench;
@@ -54,6 +54,9 @@ enum Command {
     },
     /// Queue depth by status, oldest waiting task, throughput, workspaces' credits.
     Stats,
+    /// AI providers parked fleet-wide (bad key, exhausted quota): until when, why, and how
+    /// many tasks wait for each.
+    Providers,
     /// Run the local demo: seed workspace, a batch of tasks with priorities and dependencies,
     /// one scheduler and two workers as child processes, then a summary.
     Demo(demo::DemoArgs),
@@ -95,6 +98,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Stats => admin::stats(&admin::pool(&url).await?).await,
+        Command::Providers => admin::providers(&admin::pool(&url).await?).await,
         Command::Demo(a) => demo::run(&url, a).await,
         Command::Bench(a) => bench::run(&url, a).await,
     }

@@ -1,6 +1,7 @@
 //! The providers through the real binaries and an in-process fleet: configuration mistakes
 //! stop `bizq-worker` at start-up, API keys never reach a log line, `error_details` or the
-//! CLI, and cancelling a task aborts its in-flight HTTP call.
+//! CLI (`bizq providers` shows a park and why), and cancelling a task aborts its in-flight
+//! HTTP call.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -200,6 +201,7 @@ async fn the_api_key_never_appears_in_logs_details_or_cli(pool: PgPool) -> anyho
         vec!["inspect".to_string(), bad.to_string()],
         vec!["inspect".to_string(), auth.to_string()],
         vec!["list".to_string()],
+        vec!["providers".to_string()],
     ] {
         let out = std::process::Command::new(binary("bizq"))
             .arg("--database-url")
@@ -214,6 +216,13 @@ async fn the_api_key_never_appears_in_logs_details_or_cli(pool: PgPool) -> anyho
         );
         assert!(out.status.success(), "bizq {args:?}: {text}");
         assert!(!text.contains(CANARY), "key in `bizq {args:?}`:\n{text}");
+        if args[0] == "providers" {
+            // `bizq providers` shows the park and why.
+            assert!(
+                text.contains("openai") && text.contains("provider_auth"),
+                "{text}"
+            );
+        }
     }
     Ok(())
 }
