@@ -125,7 +125,7 @@ pub async fn run(providers: &Providers, task: &TaskContext) -> Result<HandlerOut
                 upstream: route.upstream.clone(),
                 max_tokens: input.max_tokens.or(route.max_tokens),
             };
-            let answer = route.provider.generate(&request).await?;
+            let answer = providers.call(&route, &request).await?;
             let usage = answer.usage;
             let (cost, breakdown) = match &route.prices {
                 Some(prices) => {

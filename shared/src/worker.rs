@@ -95,7 +95,8 @@ impl Worker {
     /// Builds the worker and its providers; API keys are read from the environment here, so
     /// a missing key stops the worker at start-up with a configuration error.
     pub fn new(pool: PgPool, config: Config, worker_id: String) -> Result<Self> {
-        let providers = Providers::from_config(&config)?;
+        let providers = Providers::from_config(&config)?
+            .with_budgets(crate::providers::limiter::Budgets::new(pool.clone()));
         let type_patterns = config.worker.type_like_patterns();
         Ok(Self {
             pool,
@@ -114,6 +115,7 @@ impl Worker {
     /// period, the rest are released to `queued` without counting an attempt.
     pub async fn run(self, shutdown: CancellationToken) -> Result<WorkerStats> {
         let wc = &self.config.worker;
+        self.providers.configure_budgets().await?;
         let slots = Arc::new(Semaphore::new(wc.concurrency));
         let running: RunningMap = Arc::default();
         let wake = Arc::new(Notify::new());

@@ -1,10 +1,11 @@
 //! The providers through the real binaries and an in-process fleet: configuration mistakes
 //! stop `bizq-worker` at start-up, API keys never reach a log line, `error_details` or the
 //! CLI (`bizq providers` shows a park and why), and cancelling a task aborts its in-flight
-//! HTTP call.
+//! HTTP call. Two worker processes share one fleet-wide rate budget.
 
 use std::process::Stdio;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bizq::lifecycle;
 use bizq_tests::engine::*;
@@ -13,7 +14,7 @@ use serde_json::json;
 use sqlx::PgPool;
 use uuid::Uuid;
 use wiremock::matchers::{body_string_contains, method};
-use wiremock::{Mock, MockServer};
+use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -290,5 +291,109 @@ async fn cancelling_a_task_aborts_its_request(pool: PgPool) -> anyhow::Result<()
         99,
         "only the fast task is charged"
     );
+    Ok(())
+}
+
+/// A stand-in that answers every call alike and records when each arrived.
+struct Clocked {
+    at: Arc<Mutex<Vec<Instant>>>,
+    answer: ResponseTemplate,
+}
+
+impl Respond for Clocked {
+    fn respond(&self, _: &Request) -> ResponseTemplate {
+        self.at.lock().expect("not poisoned").push(Instant::now());
+        self.answer.clone()
+    }
+}
+
+/// Fleet-wide rate budget: two `bizq-worker` processes (16 slots each) share `rpm = 120`
+/// through PostgreSQL. Counted at the stand-in, no 10-second window gets more than its share
+/// (20, plus the one-request burst), the 40 calls take at least the ~19.5 s the budget
+/// allows (unbudgeted, they all go in about a second), and tasks refused a take snooze
+/// without using an attempt.
+#[sqlx::test(migrations = "../migrations")]
+async fn two_workers_share_one_rpm_budget(pool: PgPool) -> anyhow::Result<()> {
+    let server = MockServer::start().await;
+    let at = Arc::new(Mutex::new(Vec::new()));
+    Mock::given(method("POST"))
+        .respond_with(Clocked {
+            at: at.clone(),
+            answer: openai_answer("paced", 10, 0, 10, "stop"),
+        })
+        .mount(&server)
+        .await;
+    let config = config_text(
+        &[],
+        &format!(
+            "{}{}",
+            provider(
+                "openai",
+                "openai",
+                &server.uri(),
+                "BIZQ_T_RPM_KEY",
+                "rpm = 120"
+            ),
+            model("m", "openai", 1.0, 1.0, 1.0, "")
+        ),
+    );
+    let ws = workspace(&pool, 10_000).await?;
+    const N: usize = 40;
+    for i in 0..N {
+        ai_task(
+            &pool,
+            ws,
+            json!({"prompt": format!("p{i}"), "max_tokens": 10}),
+            None,
+            Some("m"),
+        )
+        .await?;
+    }
+    let url = url_of(&pool);
+    let scheduler = Process::start("scheduler", &url, &config, &[])?;
+    let env = [("BIZQ_T_RPM_KEY", "sk-rpm-key-0014")];
+    let (mut w1, _) = spawn_worker(&url, &config, &env, "info,sqlx=warn")?;
+    let (mut w2, _) = spawn_worker(&url, &config, &env, "info,sqlx=warn")?;
+    wait_for(
+        &pool,
+        "SELECT count(*) = 40 FROM tasks WHERE status = 'completed'",
+        Duration::from_secs(120),
+    )
+    .await?;
+    for w in [&mut w1, &mut w2] {
+        let _ = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(w.id().unwrap_or(0).to_string())
+            .status();
+        tokio::time::timeout(T, w.wait()).await??;
+    }
+    scheduler.terminate().await?;
+
+    let mut times = at.lock().expect("not poisoned").clone();
+    times.sort();
+    assert_eq!(times.len(), N, "one call per task");
+    let worst = times
+        .iter()
+        .map(|start| {
+            times
+                .iter()
+                .filter(|t| **t >= *start && **t < *start + Duration::from_secs(10))
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    assert!(
+        worst <= 21,
+        "{worst} calls in one 10 s window; the budget allows 20 (+1 burst)"
+    );
+    let span = times[N - 1] - times[0];
+    assert!(
+        span >= Duration::from_millis(19_000),
+        "40 calls in {span:?}: over budget"
+    );
+    let attempts: Vec<i32> = sqlx::query_scalar("SELECT DISTINCT attempt FROM tasks")
+        .fetch_all(&pool)
+        .await?;
+    assert_eq!(attempts, vec![1], "waiting for the budget used no attempt");
     Ok(())
 }

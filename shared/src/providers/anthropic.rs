@@ -95,6 +95,7 @@ impl Provider for Anthropic {
                 truncated: m.stop_reason.as_deref() == Some("max_tokens"),
                 finish_reason: m.stop_reason,
                 request_id: errors::request_id(&headers),
+                headers,
             })
         })
     }

@@ -121,6 +121,7 @@ impl Provider for MockProvider {
                 finish_reason: Some("stop".into()),
                 truncated: false,
                 request_id: None,
+                headers: HeaderMap::new(),
             })
         })
     }

@@ -47,6 +47,8 @@ pub struct Answer {
     /// The answer was cut at `max_tokens` (`length` / `max_tokens`): it completes, flagged.
     pub truncated: bool,
     pub request_id: Option<Box<str>>,
+    /// The response headers (rate-limit figures lower the fleet's budgets).
+    pub headers: HeaderMap,
 }
 
 /// A text-generation backend.
@@ -300,7 +302,17 @@ pub struct Providers {
     credits_per_usd: u64,
     /// Providers parked fleet-wide, until when (refreshed by the worker from `provider_status`).
     parked: Arc<RwLock<HashMap<String, DateTime<Utc>>>>,
+    /// The fleet-wide rate budgets (a worker's; `None` for routing only).
+    budgets: Option<limiter::Budgets>,
+    /// Each real provider's budget limits and call timeout.
+    limits: BTreeMap<String, (limiter::Limits, Duration)>,
 }
+
+/// How long a call may wait in process for its turn in the rate budget; beyond it the task
+/// snoozes (no attempt used) until the budget refills.
+pub const BUDGET_MAX_WAIT: Duration = Duration::from_secs(2);
+/// How long a call waits in process for a `max_in_flight` slot before its task snoozes.
+pub const IN_FLIGHT_PATIENCE: Duration = Duration::from_secs(10);
 
 /// `max_tokens` sent to Anthropic when neither the task nor the model names one.
 pub const DEFAULT_MAX_TOKENS: u32 = 1024;
@@ -344,13 +356,149 @@ impl Providers {
             };
             by_name.insert(name.clone(), provider);
         }
+        let limits = config
+            .providers
+            .endpoints
+            .iter()
+            .map(|(name, p)| {
+                let limits = limiter::Limits {
+                    rpm: p.rpm,
+                    input_tpm: p.input_tpm,
+                    output_tpm: p.output_tpm,
+                    max_in_flight: p.max_in_flight.map(|n| n.min(u64::from(u32::MAX)) as u32),
+                };
+                (
+                    name.clone(),
+                    (limits, Duration::from_secs(p.timeout_seconds)),
+                )
+            })
+            .collect();
         Ok(Self {
             by_name,
             models: config.models.clone(),
             default: config.providers.default.clone(),
             credits_per_usd: config.billing.credits_per_usd,
             parked: Arc::default(),
+            budgets: None,
+            limits,
         })
+    }
+
+    /// Calls go through the fleet-wide rate budgets in `budgets`.
+    pub fn with_budgets(mut self, budgets: limiter::Budgets) -> Self {
+        self.budgets = Some(budgets);
+        self
+    }
+
+    /// Writes every real provider's limits to the shared budgets (worker start-up; several
+    /// workers at once are fine).
+    pub async fn configure_budgets(&self) -> Result<()> {
+        if let Some(budgets) = &self.budgets {
+            for (name, (limits, _)) in &self.limits {
+                budgets.configure(name, limits).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One call through the fleet-wide rate budget of its provider: take (requests, the
+    /// prompt's estimated tokens, `max_tokens` of output, a `max_in_flight` slot) before the
+    /// call, waiting in process only briefly; out of budget, the task snoozes until the budget
+    /// refills (no attempt used). After the call: the response's rate-limit headers lower the
+    /// budget, usage settles the take (unused output comes back), a 429 blocks the provider
+    /// fleet-wide until its reset. The mock and routing-only registries call directly.
+    pub async fn call(
+        &self,
+        route: &Route,
+        request: &GenerateRequest,
+    ) -> Result<Answer, TaskError> {
+        let name = route.provider.name();
+        let (Some(budgets), Some((_, timeout))) = (&self.budgets, self.limits.get(name)) else {
+            return route.provider.generate(request).await;
+        };
+        let ask = limiter::Ask {
+            input_tokens: (request.prompt.chars().count() as u64).div_ceil(4),
+            max_output_tokens: u64::from(request.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS)),
+            max_wait: BUDGET_MAX_WAIT,
+            hold_for: *timeout + Duration::from_secs(10),
+        };
+        let started = std::time::Instant::now();
+        let snooze = |until: DateTime<Utc>, reason: &'static str, message: String| TaskError {
+            kind: TaskErrorKind::Snooze { until, reason },
+            ..TaskError::permanent("rate_limited", message)
+        };
+        let permit = loop {
+            let e = match budgets.take(name, &ask).await {
+                Ok(p) => break p,
+                Err(e) => e,
+            };
+            match &e {
+                limiter::TakeError::Wait {
+                    reason: limiter::WaitReason::InFlight,
+                    until,
+                    after,
+                    ..
+                } => {
+                    if started.elapsed() + *after > IN_FLIGHT_PATIENCE {
+                        return Err(snooze(*until, "max_in_flight", e.to_string()));
+                    }
+                    tokio::time::sleep(*after).await;
+                }
+                limiter::TakeError::Wait { until, reason, .. } => {
+                    let reason = match reason {
+                        limiter::WaitReason::Blocked => "rate_limited",
+                        _ => "rate_budget",
+                    };
+                    return Err(snooze(*until, reason, e.to_string()));
+                }
+                limiter::TakeError::TooLarge { .. } => {
+                    return Err(TaskError::permanent("over_rate_budget", e.to_string()));
+                }
+                limiter::TakeError::Database(db) => {
+                    return Err(TaskError::retryable(
+                        "database_error",
+                        format!("taking from {name}'s rate budget failed: {db}"),
+                    ));
+                }
+            }
+        };
+        tokio::time::sleep(permit.delay).await;
+        let result = route.provider.generate(request).await;
+        let settled = match &result {
+            Ok(answer) => {
+                if let Err(e) = budgets
+                    .observe_headers(name, |h| answer.headers.get(h)?.to_str().ok())
+                    .await
+                {
+                    tracing::warn!(provider = name, error = %e, "cannot lower the budget from the response headers");
+                }
+                let u = &answer.usage;
+                permit
+                    .settle(
+                        budgets,
+                        u.input_tokens + u.cache_write_tokens,
+                        u.output_tokens,
+                    )
+                    .await
+            }
+            Err(e) => {
+                if let TaskErrorKind::Snooze { until, .. } = &e.kind
+                    && e.http_status == Some(429)
+                    && let Err(err) = budgets.block_until(name, *until).await
+                {
+                    tracing::warn!(provider = name, error = %err, "cannot block the provider's budget after a 429");
+                }
+                if e.code == "connect_error" {
+                    permit.give_back(budgets).await
+                } else {
+                    permit.settle_unknown(budgets).await
+                }
+            }
+        };
+        if let Err(e) = settled {
+            tracing::warn!(provider = name, error = %e, "cannot settle the rate budget; its slot expires on its own");
+        }
+        result
     }
 
     pub fn credits_per_usd(&self) -> u64 {

@@ -131,6 +131,7 @@ impl Provider for OpenAi {
                 truncated: choice.finish_reason.as_deref() == Some("length"),
                 finish_reason: choice.finish_reason,
                 request_id,
+                headers,
             })
         })
     }
