@@ -375,3 +375,47 @@ pub async fn stats(pool: &PgPool) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `bizq providers`: every provider that was ever parked (`provider_status`), whether it is
+/// parked now, why, and the tasks waiting for it. Reasons are the provider's redacted message.
+pub async fn providers(pool: &PgPool) -> anyhow::Result<()> {
+    let rows = sqlx::query(
+        "SELECT p.provider,
+                p.parked_until > now() AS parked,
+                p.parked_until,
+                p.reason,
+                (SELECT count(*)
+                   FROM tasks t
+                  WHERE t.status = 'pending'
+                    AND t.wait_reason = 'provider_unavailable'
+                    AND t.error_details ->> 'provider' = p.provider) AS waiting
+           FROM provider_status p
+          ORDER BY p.provider",
+    )
+    .fetch_all(pool)
+    .await?;
+    if rows.is_empty() {
+        println!("no provider has been parked");
+        return Ok(());
+    }
+    println!(
+        "{:<16} {:<8} {:<25} {:>8}  reason",
+        "provider", "state", "parked until", "waiting"
+    );
+    for r in rows {
+        let until: chrono::DateTime<chrono::Utc> = r.try_get("parked_until")?;
+        println!(
+            "{:<16} {:<8} {:<25} {:>8}  {}",
+            r.try_get::<String, _>("provider")?,
+            if r.try_get::<bool, _>("parked")? {
+                "parked"
+            } else {
+                "probing"
+            },
+            until.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
+            r.try_get::<i64, _>("waiting")?,
+            r.try_get::<String, _>("reason")?
+        );
+    }
+    Ok(())
+}

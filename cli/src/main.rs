@@ -1,5 +1,5 @@
-//! `bizq`: the admin CLI — migrate, enqueue, list, inspect, retry, cancel, stats — plus the
-//! local demo and the benchmark.
+//! `bizq`: the admin CLI — migrate, enqueue, list, inspect, retry, cancel, stats, providers —
+//! plus the local demo and the benchmark.
 
 mod admin;
 mod bench;
@@ -68,6 +68,9 @@ enum Command {
     },
     /// Queue depth by status, oldest waiting task, throughput, workspaces' credits.
     Stats,
+    /// AI providers parked fleet-wide (bad key, exhausted quota): until when, why, and how
+    /// many tasks wait for each.
+    Providers,
     /// Run the local demo: seed workspace, a batch of tasks with priorities and dependencies,
     /// one scheduler and two workers as child processes, then a summary.
     ///
@@ -127,6 +130,7 @@ async fn run(cli: Cli, config_flag: bool) -> anyhow::Result<()> {
             admin::cancel(&admin::pool(&url, &config).await?, &config, id, &reason).await
         }
         Command::Stats => admin::stats(&admin::pool(&url, &config()?).await?).await,
+        Command::Providers => admin::providers(&admin::pool(&url, &config()?).await?).await,
         // Only a --config typed on the command line replaces the demo's own config.
         Command::Demo(a) => demo::run(&url, cli.config.as_deref().filter(|_| config_flag), a).await,
         // The benchmark writes its own config for the fleets it starts.

@@ -17,6 +17,9 @@ pub struct Config {
     pub scheduler: SchedulerConfig,
     pub retry: RetryConfig,
     pub providers: ProvidersConfig,
+    /// Models tasks may use, by the name in `tasks.ai_model`.
+    pub models: BTreeMap<String, ModelConfig>,
+    pub billing: BillingConfig,
 }
 
 /// What a worker process claims and how it runs it.
@@ -177,21 +180,213 @@ impl Default for RetryConfig {
     }
 }
 
-/// AI providers. Only `mock` exists in this version; real clients plug in beside it.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+/// AI providers: `default` and `park_seconds`, the built-in `[providers.mock]`, and any number
+/// of named real providers (`[providers.<name>]` with a `kind`).
+#[derive(Debug, Clone)]
 pub struct ProvidersConfig {
-    /// Provider used when a task's `ai_provider` is NULL or `auto`.
+    /// Provider used when a task names none (or `auto`) and no `[models]` entry applies.
     pub default: String,
+    /// How long a provider that answered 401/403/402 (or an exhausted quota) stays parked
+    /// before it is probed again.
+    pub park_seconds: u64,
     pub mock: MockProviderConfig,
+    /// The real providers by name (`[providers.openai]`, `[providers.azure]`, …).
+    pub endpoints: BTreeMap<String, ProviderConfig>,
 }
 
 impl Default for ProvidersConfig {
     fn default() -> Self {
         Self {
             default: "mock".into(),
+            park_seconds: 60,
             mock: MockProviderConfig::default(),
+            endpoints: BTreeMap::new(),
         }
+    }
+}
+
+// Hand-written because serde cannot combine `flatten` (the named providers) with
+// `deny_unknown_fields`: scalar keys are the settings, every table is a provider.
+impl<'de> Deserialize<'de> for ProvidersConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let mut table: BTreeMap<String, toml::Value> = BTreeMap::deserialize(d)?;
+        let mut out = Self::default();
+        if let Some(v) = table.remove("default") {
+            out.default = v
+                .try_into()
+                .map_err(|e| D::Error::custom(format!("providers.default: {e}")))?;
+        }
+        if let Some(v) = table.remove("park_seconds") {
+            out.park_seconds = v
+                .try_into()
+                .map_err(|e| D::Error::custom(format!("providers.park_seconds: {e}")))?;
+        }
+        if let Some(v) = table.remove("mock") {
+            out.mock = v
+                .try_into()
+                .map_err(|e| D::Error::custom(format!("providers.mock: {e}")))?;
+        }
+        for (name, v) in table {
+            if !v.is_table() {
+                return Err(D::Error::custom(format!(
+                    "unknown key providers.{name} (providers take default, park_seconds, \
+                     [providers.mock] and [providers.<name>] tables)"
+                )));
+            }
+            let p: ProviderConfig = v
+                .try_into()
+                .map_err(|e| D::Error::custom(format!("providers.{name}: {e}")))?;
+            out.endpoints.insert(name, p);
+        }
+        Ok(out)
+    }
+}
+
+/// The wire format a provider speaks.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    /// OpenAI Chat Completions, and compatible servers (Azure, vLLM, Ollama, LiteLLM).
+    #[serde(rename = "openai")]
+    OpenAi,
+    /// Anthropic Messages.
+    Anthropic,
+    /// The built-in mock (`[providers.mock]` only).
+    Mock,
+}
+
+/// One real provider (`[providers.<name>]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    pub kind: ProviderKind,
+    /// `https://api.openai.com/v1`, `https://api.anthropic.com`, `http://localhost:11434/v1`.
+    pub base_url: String,
+    /// The environment variable holding the API key, read at start-up (never from this
+    /// file). None: no key is sent (Ollama, vLLM without `--api-key`).
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// Header carrying the key: `authorization` gets `Bearer KEY`, any other name the bare
+    /// key (`api-key` for Azure). Default: `authorization` for openai, `x-api-key` for anthropic.
+    #[serde(default)]
+    pub auth_header: Option<String>,
+    /// The request field for the answer's length limit (kind openai): `max_completion_tokens`
+    /// (OpenAI, Azure, vLLM) or `max_tokens` (older compatible servers).
+    #[serde(default = "default_max_tokens_field")]
+    pub max_tokens_field: String,
+    /// Query parameters added to every request, e.g. `{"api-version" = "2024-10-21"}`.
+    #[serde(default)]
+    pub query: BTreeMap<String, String>,
+    /// Fleet-wide budgets (omit = unlimited): requests and tokens per minute, calls in flight.
+    #[serde(default)]
+    pub rpm: Option<u64>,
+    #[serde(default)]
+    pub input_tpm: Option<u64>,
+    #[serde(default)]
+    pub output_tpm: Option<u64>,
+    #[serde(default)]
+    pub max_in_flight: Option<u64>,
+    /// One HTTP call, from send to the last byte of the answer.
+    #[serde(default = "default_provider_timeout")]
+    pub timeout_seconds: u64,
+}
+
+fn default_max_tokens_field() -> String {
+    "max_completion_tokens".into()
+}
+
+fn default_provider_timeout() -> u64 {
+    120
+}
+
+/// Price class of a model, matched against a workspace's `ai_preferences.quality_tier`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, PartialOrd, Ord, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    Economy,
+    #[default]
+    Standard,
+    Premium,
+}
+
+impl Tier {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "economy" => Some(Self::Economy),
+            "standard" => Some(Self::Standard),
+            "premium" => Some(Self::Premium),
+            _ => None,
+        }
+    }
+}
+
+/// A model tasks may use (`[models."<name>"]`). Every model has prices: a model without
+/// them is a start-up error, never a free call.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// A `[providers.<name>]` (or `mock`).
+    pub provider: String,
+    /// The name sent to the provider (Azure deployment, vLLM served name); default: the key.
+    #[serde(default)]
+    pub upstream: Option<String>,
+    #[serde(default)]
+    pub input_usd_per_mtok: Option<f64>,
+    /// Price of cached input tokens (OpenAI); default: the input price.
+    #[serde(default)]
+    pub cached_input_usd_per_mtok: Option<f64>,
+    #[serde(default)]
+    pub output_usd_per_mtok: Option<f64>,
+    #[serde(default)]
+    pub tier: Tier,
+    /// `max_tokens` sent when the task's input names none (Anthropic requires one).
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+}
+
+/// How provider spend becomes credits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BillingConfig {
+    /// `actual_cost = ceil(usd × credits_per_usd)`, at least 1.
+    pub credits_per_usd: u64,
+}
+
+impl Default for BillingConfig {
+    fn default() -> Self {
+        Self {
+            credits_per_usd: 100,
+        }
+    }
+}
+
+/// An API key read from the environment. Its `Debug` prints `***`, and it has no `Display`,
+/// so it cannot reach a log line or an error message by accident.
+#[derive(Clone)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    /// Reads `var`; a missing or empty variable is a configuration error naming the variable
+    /// and the provider, never a value.
+    pub fn from_env(provider: &str, var: &str) -> Result<Self> {
+        match std::env::var(var) {
+            Ok(v) if !v.trim().is_empty() => Ok(Self(v.trim().to_string())),
+            _ => Err(Error::Config(format!(
+                "providers.{provider}.api_key_env names {var}, which is not set in the environment"
+            ))),
+        }
+    }
+
+    /// The key itself, for the one place that builds the request header.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
     }
 }
 
@@ -272,6 +467,7 @@ impl Config {
                 "providers.mock.failure_rate must be between 0 and 1".into(),
             ));
         }
+        self.validate_providers()?;
         if self.scheduler.batch < 1
             || w.claim_batch == 0
             || w.complete_batch == 0
@@ -279,6 +475,75 @@ impl Config {
         {
             return Err(Error::Config(
                 "batch sizes and worker.result_writers must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Every model names a known provider and has prices; every provider has a usable URL.
+    /// API keys are checked when a worker starts (`Providers::from_config`), where they are
+    /// read; the CLI and the scheduler never need them.
+    fn validate_providers(&self) -> Result<()> {
+        let p = &self.providers;
+        if p.endpoints.contains_key("default") || p.endpoints.contains_key("park_seconds") {
+            return Err(Error::Config("providers: reserved provider name".into()));
+        }
+        for (name, e) in &p.endpoints {
+            if e.kind == ProviderKind::Mock {
+                return Err(Error::Config(format!(
+                    "providers.{name}: kind \"mock\" is only for [providers.mock]; use openai or anthropic"
+                )));
+            }
+            if !(e.base_url.starts_with("http://") || e.base_url.starts_with("https://")) {
+                return Err(Error::Config(format!(
+                    "providers.{name}.base_url must start with http:// or https://"
+                )));
+            }
+            if e.timeout_seconds == 0 {
+                return Err(Error::Config(format!(
+                    "providers.{name}.timeout_seconds must be at least 1"
+                )));
+            }
+        }
+        let known = |n: &str| n == "mock" || p.endpoints.contains_key(n);
+        if !known(&p.default) {
+            return Err(Error::Config(format!(
+                "providers.default names '{}', which is neither mock nor a [providers.<name>]",
+                p.default
+            )));
+        }
+        for (name, m) in &self.models {
+            if !known(&m.provider) {
+                return Err(Error::Config(format!(
+                    "models.\"{name}\".provider names '{}', which is not a configured provider",
+                    m.provider
+                )));
+            }
+            for (key, v) in [
+                ("input_usd_per_mtok", m.input_usd_per_mtok),
+                ("output_usd_per_mtok", m.output_usd_per_mtok),
+            ] {
+                match v {
+                    None => {
+                        return Err(Error::Config(format!(
+                            "models.\"{name}\" has no {key}: every model needs its prices \
+                             (a model is never charged as free)"
+                        )));
+                    }
+                    Some(x) if !x.is_finite() || x < 0.0 => {
+                        return Err(Error::Config(format!(
+                            "models.\"{name}\".{key} must be a price in USD per million tokens"
+                        )));
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        if self.billing.credits_per_usd == 0 {
+            return Err(Error::Config(
+                "billing.credits_per_usd must be at least 1".into(),
             ));
         }
         Ok(())
@@ -342,6 +607,91 @@ mod tests {
         let err = Config::from_toml("[worker]\nresult_writers = 0\n").unwrap_err();
         assert!(err.to_string().contains("result_writers"), "{err}");
         assert_eq!(Config::from_toml("").unwrap().worker.result_writers, 1);
+    }
+
+    const PROVIDERS: &str = r#"
+[providers]
+default = "mock"
+park_seconds = 30
+[providers.mock]
+enabled = true
+[providers.openai]
+kind = "openai"
+base_url = "https://api.openai.com/v1"
+api_key_env = "OPENAI_API_KEY"
+rpm = 500
+[providers.azure]
+kind = "openai"
+base_url = "https://r.openai.azure.com/openai/deployments/d"
+auth_header = "api-key"
+query = { "api-version" = "2024-10-21" }
+[providers.anthropic]
+kind = "anthropic"
+base_url = "https://api.anthropic.com"
+[models."gpt-4.1-mini"]
+provider = "openai"
+input_usd_per_mtok = 0.40
+cached_input_usd_per_mtok = 0.10
+output_usd_per_mtok = 1.60
+tier = "standard"
+[billing]
+credits_per_usd = 1000
+"#;
+
+    #[test]
+    fn providers_models_and_billing_parse() {
+        let c = Config::from_toml(PROVIDERS).unwrap();
+        assert_eq!(c.providers.park_seconds, 30);
+        assert!(c.providers.mock.enabled);
+        assert_eq!(c.providers.endpoints.len(), 3);
+        let azure = &c.providers.endpoints["azure"];
+        assert_eq!(azure.kind, ProviderKind::OpenAi);
+        assert_eq!(azure.auth_header.as_deref(), Some("api-key"));
+        assert_eq!(azure.query["api-version"], "2024-10-21");
+        assert_eq!(c.providers.endpoints["openai"].rpm, Some(500));
+        assert_eq!(c.providers.endpoints["anthropic"].timeout_seconds, 120);
+        assert_eq!(c.models["gpt-4.1-mini"].tier, Tier::Standard);
+        assert_eq!(c.billing.credits_per_usd, 1000);
+        assert_eq!(Config::from_toml("").unwrap().billing.credits_per_usd, 100);
+    }
+
+    #[test]
+    fn provider_and_model_mistakes_are_config_errors() {
+        let err = |extra: &str| {
+            Config::from_toml(&format!("{PROVIDERS}{extra}"))
+                .unwrap_err()
+                .to_string()
+        };
+        let e = err("[models.free]\nprovider = \"openai\"\noutput_usd_per_mtok = 1.0\n");
+        assert!(e.contains("has no input_usd_per_mtok"), "{e}");
+        let e = err(
+            "[models.x]\nprovider = \"nope\"\ninput_usd_per_mtok = 1.0\noutput_usd_per_mtok = 1.0\n",
+        );
+        assert!(
+            e.contains("'nope', which is not a configured provider"),
+            "{e}"
+        );
+        let e = err("[providers.gemini]\nkind = \"gemini\"\nbase_url = \"https://x\"\n");
+        assert!(
+            e.contains("providers.gemini") && e.contains("gemini"),
+            "{e}"
+        );
+        let e = err(
+            "[providers.typo]\nkind = \"openai\"\nbase_url = \"https://x\"\napi_key = \"sk\"\n",
+        );
+        assert!(e.contains("api_key"), "unknown keys are errors: {e}");
+    }
+
+    #[test]
+    fn api_keys_come_from_the_environment_and_never_print() {
+        let e = ApiKey::from_env("openai", "BIZQ_TEST_SURELY_UNSET_KEY").unwrap_err();
+        assert!(
+            e.to_string().contains("BIZQ_TEST_SURELY_UNSET_KEY"),
+            "names the variable: {e}"
+        );
+        let key = ApiKey("sk-secret-value".into());
+        assert_eq!(format!("{key:?}"), "***");
+        assert_eq!(key.expose(), "sk-secret-value");
     }
 
     #[test]

@@ -3,10 +3,17 @@
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::providers::{GenerateRequest, ProviderError, Providers};
+use crate::config::ProviderKind;
+use crate::providers::mock::mock_cost;
+use crate::providers::pricing::{self, Breakdown};
+use crate::providers::{GenerateRequest, Preferences, Providers, RouteRequest};
 
 /// Why an attempt failed; the same shape whether the handler or the provider said so.
-pub type TaskError = ProviderError;
+pub use crate::providers::{TaskError, TaskErrorKind};
+
+/// `error_details.code` of a task that waited because its provider was already parked (no
+/// call was made).
+pub const PROVIDER_PARKED: &str = "provider_parked";
 
 /// Every task type this version of BizQ can run. The scheduler rejects other types at
 /// admission, so an unknown type fails with a clear error instead of waiting forever.
@@ -21,6 +28,8 @@ pub struct TaskContext {
     pub input: Value,
     pub ai_provider: Option<String>,
     pub ai_model: Option<String>,
+    /// The workspace's `ai_preferences`.
+    pub preferences: Preferences,
 }
 
 /// A successful run: what goes into `output`, `actual_cost`, `cost_breakdown`, `ai_provider`
@@ -35,14 +44,15 @@ pub struct HandlerOutput {
 }
 
 /// Input of `ai.generate`.
-struct GenerateInput {
-    prompt: String,
-    max_tokens: Option<u32>,
+pub struct GenerateInput {
+    pub prompt: String,
+    pub max_tokens: Option<u32>,
 }
 
-fn parse_generate(input: &Value) -> Result<GenerateInput, TaskError> {
+/// Reads and checks an `ai.generate` input.
+pub fn parse_generate(input: &Value) -> Result<GenerateInput, TaskError> {
     let bad = |msg: &str| {
-        ProviderError::permanent(
+        TaskError::permanent(
             "bad_input",
             format!(
                 "ai.generate input {msg}; expected {{\"prompt\": \"...\", \"max_tokens\"?: n}}"
@@ -77,7 +87,7 @@ pub fn validate_input(task_type: &str, input: &Value) -> Result<(), TaskError> {
 }
 
 pub fn unknown_type(task_type: &str) -> TaskError {
-    ProviderError::permanent(
+    TaskError::permanent(
         "unknown_task_type",
         format!(
             "unknown task type '{task_type}' (known: {})",
@@ -91,28 +101,88 @@ pub async fn run(providers: &Providers, task: &TaskContext) -> Result<HandlerOut
     match task.task_type.as_str() {
         "ai.generate" => {
             let input = parse_generate(&task.input)?;
-            let provider = providers.select(task.ai_provider.as_deref())?;
+            let route = providers.route(&RouteRequest {
+                ai_provider: task.ai_provider.as_deref(),
+                ai_model: task.ai_model.as_deref(),
+                preferences: &task.preferences,
+                prompt_chars: input.prompt.chars().count(),
+                max_tokens: input.max_tokens,
+            })?;
+            let name = route.provider.name().to_string();
+            if providers.is_parked(&name) {
+                return Err(TaskError::provider_unavailable(
+                    &name,
+                    PROVIDER_PARKED,
+                    format!(
+                        "provider '{name}' is parked after an authentication or quota failure; waiting for it"
+                    ),
+                ));
+            }
             let request = GenerateRequest {
                 task_id: task.id,
                 attempt: task.attempt,
                 prompt: input.prompt,
-                model: task.ai_model.clone(),
-                max_tokens: input.max_tokens,
+                upstream: route.upstream.clone(),
+                max_tokens: input.max_tokens.or(route.max_tokens),
             };
-            let answer = provider.generate(&request).await?;
+            let answer = providers.call(&route, &request).await?;
+            let usage = answer.usage;
+            let (cost, breakdown) = match &route.prices {
+                Some(prices) => {
+                    let cost = pricing::cost(
+                        route.provider.kind(),
+                        &usage,
+                        prices,
+                        providers.credits_per_usd(),
+                    );
+                    let breakdown = Breakdown {
+                        provider: &name,
+                        model: &route.model,
+                        upstream: route.upstream.as_deref().unwrap_or(&route.model),
+                        usage: &usage,
+                        prices,
+                        credits_per_usd: providers.credits_per_usd(),
+                        cost: &cost,
+                        request_id: answer.request_id.as_deref(),
+                        truncated: answer.truncated,
+                        finish_reason: answer.finish_reason.as_deref(),
+                    }
+                    .to_json();
+                    (cost.credits, breakdown)
+                }
+                None => {
+                    debug_assert_eq!(route.provider.kind(), ProviderKind::Mock);
+                    let credits = mock_cost(usage.input_tokens, usage.output_tokens);
+                    (
+                        credits,
+                        json!({
+                            "provider": name,
+                            "model": route.model,
+                            "prompt_tokens": usage.input_tokens,
+                            "completion_tokens": usage.output_tokens,
+                            "credits": credits,
+                            "rule": "1 credit + 1 per 1000 tokens",
+                        }),
+                    )
+                }
+            };
+            let mut output = json!({
+                "text": answer.text,
+                "usage": {
+                    "prompt_tokens": usage.input_tokens,
+                    "completion_tokens": usage.output_tokens,
+                    "total_tokens": usage.input_tokens + usage.output_tokens,
+                },
+            });
+            if answer.truncated {
+                output["truncated"] = json!(true);
+            }
             Ok(HandlerOutput {
-                output: json!({
-                    "text": answer.text,
-                    "usage": {
-                        "prompt_tokens": answer.prompt_tokens,
-                        "completion_tokens": answer.completion_tokens,
-                        "total_tokens": answer.prompt_tokens + answer.completion_tokens,
-                    },
-                }),
-                cost: answer.cost_credits,
-                cost_breakdown: answer.cost_breakdown,
-                provider: Some(provider.name().to_string()),
-                model: Some(answer.model),
+                output,
+                cost,
+                cost_breakdown: breakdown,
+                provider: Some(name),
+                model: Some(route.model),
             })
         }
         other => Err(unknown_type(other)),

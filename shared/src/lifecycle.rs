@@ -15,6 +15,8 @@
 //!            processing ──heartbeat──► processing (lease extended)
 //!                 │──complete──► completed  (credit-deduction trigger charges actual_cost)
 //!                 │──fail──────► pending    (transient error, attempts left, backoff)
+//!                 │──snooze────► pending    (rate limited: due at the provider's reset, attempt not used)
+//!                 │──park──────► pending, provider_unavailable (attempt not used) ──unpark_providers──► pending
 //!                 │──fail──────► failed     (permanent error or attempts exhausted)
 //!                 └──cancel────► cancelled  (its worker is told to abort; nothing charged)
 //! ```
@@ -164,7 +166,21 @@ pub async fn admit(
     known_types: &[&str],
     policy: DependencyFailurePolicy,
 ) -> Result<AdmitReport> {
-    match admit_batch(pool, batch, None, known_types, policy).await {
+    admit_with_estimates(pool, batch, known_types, policy, None).await
+}
+
+/// **Admit**, and fill in `estimated_cost` where product code left it NULL on an
+/// `ai.generate` task: the routed model's prices × (prompt characters / 4 input tokens +
+/// `max_tokens` output tokens), so the claim's reservation and the `max_task_cost`
+/// escalation below work on real numbers. Tasks routed to the unpriced mock keep NULL.
+pub async fn admit_with_estimates(
+    pool: &PgPool,
+    batch: i64,
+    known_types: &[&str],
+    policy: DependencyFailurePolicy,
+    providers: Option<&crate::providers::Providers>,
+) -> Result<AdmitReport> {
+    match admit_batch(pool, batch, None, known_types, policy, providers).await {
         Err(e) if is_statement_error(&e) => {
             tracing::warn!(error = %e, "admission batch failed; admitting task by task");
             let ids: Vec<Uuid> = sqlx::query_scalar(
@@ -176,7 +192,7 @@ pub async fn admit(
             .await?;
             let mut report = AdmitReport::default();
             for id in ids {
-                match admit_batch(pool, 1, Some(id), known_types, policy).await {
+                match admit_batch(pool, 1, Some(id), known_types, policy, providers).await {
                     Ok(r) => {
                         report.queued += r.queued;
                         report.waiting += r.waiting;
@@ -261,10 +277,12 @@ async fn admit_batch(
     only: Option<Uuid>,
     known_types: &[&str],
     policy: DependencyFailurePolicy,
+    providers: Option<&crate::providers::Providers>,
 ) -> Result<AdmitReport> {
     let mut tx = pool.begin().await?;
     let rows = sqlx::query(
         "SELECT t.id, t.workspace_id, t.type, t.worker_type, t.estimated_cost, t.depends_on,
+                t.input, t.ai_provider, t.ai_model, w.ai_preferences,
                 CASE WHEN jsonb_typeof(w.ai_preferences -> 'max_task_cost') = 'number'
                      THEN (w.ai_preferences ->> 'max_task_cost')::float8 END AS max_task_cost
            FROM tasks t
@@ -298,6 +316,8 @@ async fn admit_batch(
         estimated_cost: Option<i32>,
         depends_on: Vec<Uuid>,
         max_task_cost: Option<f64>,
+        /// Filled in here (NULL before).
+        estimate: Option<i32>,
     }
     let mut candidates = Vec::with_capacity(rows.len());
     for r in rows {
@@ -306,14 +326,35 @@ async fn admit_batch(
             .unwrap_or_default();
         deps.sort();
         deps.dedup();
+        let task_type: String = r.try_get("type")?;
+        let mut estimated_cost: Option<i32> = r.try_get("estimated_cost")?;
+        let mut estimate = None;
+        if estimated_cost.is_none()
+            && task_type == "ai.generate"
+            && let Some(providers) = providers
+            && let Ok(input) = crate::handlers::parse_generate(&r.try_get::<Value, _>("input")?)
+        {
+            let ai_provider: Option<String> = r.try_get("ai_provider")?;
+            let ai_model: Option<String> = r.try_get("ai_model")?;
+            let prefs: Option<Value> = r.try_get("ai_preferences")?;
+            estimate = providers.estimate(&crate::providers::RouteRequest {
+                ai_provider: ai_provider.as_deref(),
+                ai_model: ai_model.as_deref(),
+                preferences: &crate::providers::Preferences::from_json(prefs.as_ref()),
+                prompt_chars: input.prompt.chars().count(),
+                max_tokens: input.max_tokens,
+            });
+            estimated_cost = estimate;
+        }
         candidates.push(Candidate {
             id: r.try_get("id")?,
             workspace_id: r.try_get("workspace_id")?,
-            task_type: r.try_get("type")?,
+            task_type,
             worker_type: r.try_get("worker_type")?,
-            estimated_cost: r.try_get("estimated_cost")?,
+            estimated_cost,
             depends_on: deps,
             max_task_cost: r.try_get("max_task_cost")?,
+            estimate,
         });
     }
 
@@ -421,6 +462,7 @@ async fn admit_batch(
     let mut remaining: Vec<i32> = Vec::new();
     let mut details: Vec<Option<Value>> = Vec::new();
     let mut depths: Vec<i32> = Vec::new();
+    let mut estimates: Vec<Option<i32>> = Vec::new();
     let mut edge_task = Vec::new();
     let mut edge_dep = Vec::new();
     for c in &candidates {
@@ -501,6 +543,7 @@ async fn admit_batch(
         };
         ids.push(c.id);
         depths.push(depth);
+        estimates.push(c.estimate);
         match verdict {
             Verdict::Ready => {
                 kinds.push("ready");
@@ -571,9 +614,9 @@ async fn admit_batch(
     let kinds: Vec<String> = kinds.into_iter().map(String::from).collect();
     let queued: i64 = sqlx::query_scalar(
         "WITH verdict AS (
-             SELECT id, kind, deps, details, depth
-               FROM unnest($1::uuid[], $2::text[], $3::int[], $4::jsonb[], $5::int[])
-                    AS v(id, kind, deps, details, depth)
+             SELECT id, kind, deps, details, depth, estimate
+               FROM unnest($1::uuid[], $2::text[], $3::int[], $4::jsonb[], $5::int[], $6::int[])
+                    AS v(id, kind, deps, details, depth, estimate)
          ),
          admitted AS (
              UPDATE tasks t
@@ -586,6 +629,7 @@ async fn admit_batch(
                                ELSE v.kind
                              END,
                     error_details = COALESCE(v.details, t.error_details),
+                    estimated_cost = COALESCE(t.estimated_cost, v.estimate),
                     completed_at = CASE WHEN v.kind IN ('failed', 'cancelled') THEN now() ELSE t.completed_at END
                FROM verdict v
               WHERE t.id = v.id
@@ -598,6 +642,7 @@ async fn admit_batch(
     .bind(remaining)
     .bind(details)
     .bind(depths)
+    .bind(estimates)
     .fetch_one(&mut *tx)
     .await?;
     report.queued = queued as u64;
@@ -671,7 +716,7 @@ pub async fn unpark(pool: &PgPool) -> Result<u64> {
             SET wait_reason = NULL
            FROM workspaces w
           WHERE t.status = 'pending'
-            AND t.wait_reason IS NOT NULL
+            AND t.wait_reason IN ('insufficient_credits', 'subscription_inactive')
             AND w.id = t.workspace_id
             AND COALESCE(w.subscription_status, 'active') IN ('active', 'trial')
             AND (w.subscription_status IS DISTINCT FROM 'trial' OR w.trial_ends_at IS NULL OR w.trial_ends_at > now())
@@ -683,6 +728,40 @@ pub async fn unpark(pool: &PgPool) -> Result<u64> {
     .execute(pool)
     .await?;
     Ok(done.rows_affected())
+}
+
+/// **Unpark providers** (scheduler): tasks waiting with `wait_reason = 'provider_unavailable'`
+/// become promotable again once their provider's park (`provider_status.parked_until`) has
+/// expired; the first of them to run is the probe, which parks the provider again if it still
+/// refuses.
+pub async fn unpark_providers(pool: &PgPool) -> Result<u64> {
+    let done = sqlx::query(
+        "UPDATE tasks t
+            SET wait_reason = NULL
+          WHERE t.status = 'pending'
+            AND t.wait_reason = 'provider_unavailable'
+            AND NOT EXISTS (SELECT 1
+                              FROM provider_status p
+                             WHERE p.provider = t.error_details ->> 'provider'
+                               AND p.parked_until > now())",
+    )
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Providers parked right now, and until when (the worker's routing skips them).
+pub async fn parked_providers(
+    pool: &PgPool,
+) -> Result<std::collections::HashMap<String, chrono::DateTime<chrono::Utc>>> {
+    let rows: Vec<(String, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
+        "SELECT provider, parked_until
+           FROM provider_status
+          WHERE parked_until > now()",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().collect())
 }
 
 /// A task a worker holds.
@@ -699,6 +778,8 @@ pub struct ClaimedTask {
     pub lease_token: Uuid,
     pub ai_provider: Option<String>,
     pub ai_model: Option<String>,
+    /// The workspace's `ai_preferences` (routing reads them).
+    pub ai_preferences: Option<Value>,
 }
 
 /// What a worker asks for.
@@ -735,7 +816,8 @@ pub const CLAIM_SQL: &str = "WITH candidates AS (
                     COALESCE(w.subscription_status, 'active') IN ('active', 'trial')
                       AND (w.subscription_status IS DISTINCT FROM 'trial'
                            OR w.trial_ends_at IS NULL OR w.trial_ends_at > now())
-                      AND w.deleted_at IS NULL AS in_good_standing
+                      AND w.deleted_at IS NULL AS in_good_standing,
+                    w.ai_preferences
                FROM workspaces w
               WHERE w.id IN (SELECT workspace_id FROM candidates)
               ORDER BY w.id
@@ -784,15 +866,16 @@ pub const CLAIM_SQL: &str = "WITH candidates AS (
                 worker_type = COALESCE(t.worker_type, 'ai'),
                 wait_reason = NULL
            FROM granted g
+           JOIN funds f ON f.id = g.workspace_id
           WHERE t.id = g.id
          RETURNING t.id, t.workspace_id, t.type, t.input, t.attempt, t.max_attempts,
-                   t.lease_token, t.ai_provider, t.ai_model
+                   t.lease_token, t.ai_provider, t.ai_model, f.ai_preferences
          )
          SELECT id, workspace_id, type, input, attempt, max_attempts, lease_token, ai_provider,
-                ai_model, FALSE AS skipped
+                ai_model, ai_preferences, FALSE AS skipped
            FROM claimed
          UNION ALL
-         (SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, TRUE
+         (SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, TRUE
             FROM candidates c
            WHERE c.workspace_id NOT IN (SELECT id FROM funds)
            LIMIT 1)";
@@ -838,6 +921,7 @@ pub async fn claim(pool: &PgPool, req: &ClaimRequest<'_>) -> Result<Vec<ClaimedT
                 lease_token: r.try_get("lease_token")?,
                 ai_provider: r.try_get("ai_provider")?,
                 ai_model: r.try_get("ai_model")?,
+                ai_preferences: r.try_get("ai_preferences")?,
             });
         }
         if !skipped || claimed.len() as i64 >= req.limit {
@@ -923,22 +1007,52 @@ pub struct Completion {
     pub ai_model: Option<String>,
 }
 
+/// What happens to a task whose attempt failed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FailureAction {
+    /// Back to `pending`, due after the delay; the attempt counts.
+    Retry(Duration),
+    /// `failed` for good.
+    Fail,
+    /// **Snooze**: back to `pending`, due after the delay, the attempt NOT counted (rate
+    /// limited: the provider said when to come back).
+    Snooze(Duration),
+    /// **Park**: the task goes back to `pending` with `wait_reason = 'provider_unavailable'`,
+    /// the attempt NOT counted, until `unpark_providers` sees the provider's park expire.
+    /// `park: Some((for, reason))` parks the provider fleet-wide (it just refused a call);
+    /// `None` waits for the park already recorded (the worker knew it was parked and did not
+    /// call), so tasks arriving during a park never extend it and the probe still happens.
+    Park {
+        provider: String,
+        park: Option<(Duration, String)>,
+    },
+}
+
 /// A failed attempt, and what to do about it.
 #[derive(Debug, Clone)]
 pub struct Failure {
     pub id: Uuid,
     pub lease_token: Uuid,
-    /// `Some(delay)`: back to `pending`, due after the delay. `None`: `failed` for good.
-    pub retry_in: Option<Duration>,
-    /// `{message, code, attempt, http_status?, body_excerpt?}`.
+    pub action: FailureAction,
+    /// `{message, code, attempt, http_status?, body_excerpt?, provider?, until?}`.
     pub error_details: Value,
     pub processing_time_ms: i32,
 }
 
-/// **Complete** and **fail** (worker): writes a batch of results in ONE short statement (and
-/// so one transaction). Completions set `output`, `actual_cost`, `cost_breakdown`, timing and
-/// provider and become `completed`, which fires the credit-deduction trigger inside this same
-/// transaction. Failures go back to `pending` with a backoff (`retry_in`) or to `failed`.
+impl Failure {
+    /// Whether the task goes back to `pending` (rather than `failed`).
+    pub fn requeues(&self) -> bool {
+        self.action != FailureAction::Fail
+    }
+}
+
+/// **Complete**, **fail**, **snooze** and **park** (worker): writes a batch of results in ONE
+/// short statement (and so one transaction). Completions set `output`, `actual_cost`,
+/// `cost_breakdown`, timing and provider and become `completed`, which fires the
+/// credit-deduction trigger inside this same transaction. Failures go back to `pending` with
+/// a backoff or to `failed`; snoozed and parked tasks go back to `pending` with the claim's
+/// attempt increment undone, and parked providers get their `provider_status` row in the same
+/// transaction.
 ///
 /// Every row is fenced on its lease token: the ids returned are the ones written; a result
 /// whose lease was lost (cancelled, reclaimed) is dropped and the task is never charged twice.
@@ -1007,39 +1121,50 @@ async fn finish_rows(
         retry_ms.push(None);
         details.push(None);
     }
+    let mut parks: std::collections::BTreeMap<String, (i64, String)> = Default::default();
     for f in failures {
         ids.push(f.id);
         tokens.push(f.lease_token);
-        kinds.push(
-            if f.retry_in.is_some() {
-                "retry"
-            } else {
-                "failed"
+        let (kind, delay) = match &f.action {
+            FailureAction::Retry(d) => ("retry", Some(d.as_millis() as i64)),
+            FailureAction::Fail => ("failed", None),
+            FailureAction::Snooze(d) => ("snooze", Some(d.as_millis() as i64)),
+            FailureAction::Park { provider, park } => {
+                if let Some((park_for, reason)) = park {
+                    parks.insert(
+                        provider.clone(),
+                        (park_for.as_millis() as i64, reason.clone()),
+                    );
+                }
+                ("park", None)
             }
-            .into(),
-        );
+        };
+        kinds.push(kind.into());
         outputs.push(None);
         costs.push(None);
         breakdowns.push(None);
         millis.push(f.processing_time_ms);
         providers.push(None);
         models.push(None);
-        retry_ms.push(f.retry_in.map(|d| d.as_millis() as i64));
+        retry_ms.push(delay);
         details.push(Some(f.error_details.clone()));
     }
     let mut tx = pool.begin().await?;
     lock_for_update(&mut tx, &ids).await?;
     let written: Vec<Uuid> = sqlx::query_scalar(
         "UPDATE tasks t
-            SET status = CASE r.kind WHEN 'retry' THEN 'pending' ELSE r.kind END,
+            SET status = CASE WHEN r.kind IN ('retry', 'snooze', 'park') THEN 'pending' ELSE r.kind END,
+                attempt = CASE WHEN r.kind IN ('snooze', 'park') THEN GREATEST(t.attempt - 1, 0)
+                               ELSE t.attempt END,
+                wait_reason = CASE WHEN r.kind = 'park' THEN 'provider_unavailable' ELSE t.wait_reason END,
                 output = CASE WHEN r.kind = 'completed' THEN r.output ELSE t.output END,
                 actual_cost = CASE WHEN r.kind = 'completed' THEN r.cost ELSE t.actual_cost END,
                 cost_breakdown = CASE WHEN r.kind = 'completed' THEN r.breakdown ELSE t.cost_breakdown END,
                 processing_time_ms = r.ms,
                 ai_provider = COALESCE(r.provider, t.ai_provider),
                 ai_model = COALESCE(r.model, t.ai_model),
-                completed_at = CASE WHEN r.kind = 'retry' THEN NULL ELSE now() END,
-                scheduled_for = CASE WHEN r.kind = 'retry'
+                completed_at = CASE WHEN r.kind IN ('retry', 'snooze', 'park') THEN NULL ELSE now() END,
+                scheduled_for = CASE WHEN r.kind IN ('retry', 'snooze')
                                      THEN now() + r.retry_ms * interval '1 millisecond'
                                      ELSE t.scheduled_for END,
                 error_details = COALESCE(r.details, t.error_details),
@@ -1066,7 +1191,25 @@ async fn finish_rows(
     .bind(details)
     .fetch_all(&mut *tx)
     .await?;
-    if failures.iter().any(|f| f.retry_in.is_some()) {
+    if !parks.is_empty() {
+        let (names, rest): (Vec<String>, Vec<(i64, String)>) = parks.into_iter().unzip();
+        let (park_ms, reasons): (Vec<i64>, Vec<String>) = rest.into_iter().unzip();
+        sqlx::query(
+            "INSERT INTO provider_status (provider, parked_until, reason, updated_at)
+             SELECT p.provider, now() + p.ms * interval '1 millisecond', p.reason, now()
+               FROM unnest($1::text[], $2::bigint[], $3::text[]) AS p(provider, ms, reason)
+             ON CONFLICT (provider) DO UPDATE
+                SET parked_until = EXCLUDED.parked_until,
+                    reason = EXCLUDED.reason,
+                    updated_at = EXCLUDED.updated_at",
+        )
+        .bind(names)
+        .bind(park_ms)
+        .bind(reasons)
+        .execute(&mut *tx)
+        .await?;
+    }
+    if failures.iter().any(Failure::requeues) {
         notify(&mut tx, CHANNEL_PENDING).await?;
     }
     tx.commit().await?;

@@ -1,7 +1,7 @@
-//! The scheduler runtime: admits new tasks, promotes due ones, unparks tasks whose workspace
-//! can pay again, reclaims tasks of dead workers, and runs housekeeping. Any number of
-//! schedulers can run at once: every step takes its rows with `SKIP LOCKED`, and
-//! housekeeping runs under an advisory lock.
+//! The scheduler runtime: admits new tasks (estimating AI costs), promotes due ones, unparks
+//! tasks whose workspace can pay again or whose provider's park expired, reclaims tasks of
+//! dead workers, and runs housekeeping. Any number of schedulers can run at once: every step
+//! takes its rows with `SKIP LOCKED`, and housekeeping runs under an advisory lock.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::handlers::KNOWN_TYPES;
 use crate::lifecycle::{self, AdmitReport, CHANNEL_PENDING, ReclaimReport};
+use crate::providers::Providers;
 use crate::{Result, housekeeping};
 
 /// Totals over a scheduler's life, printed at exit.
@@ -28,19 +29,38 @@ pub struct SchedulerStats {
 pub struct Scheduler {
     pool: PgPool,
     config: Config,
+    /// Routing and prices (no API keys): admission estimates `ai.generate` costs with them.
+    providers: Option<Providers>,
 }
 
 impl Scheduler {
     pub fn new(pool: PgPool, config: Config) -> Self {
-        Self { pool, config }
+        let providers = match Providers::for_routing(&config) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::warn!(error = %e, "providers config unusable: admission will not estimate costs");
+                None
+            }
+        };
+        Self {
+            pool,
+            config,
+            providers,
+        }
     }
 
     /// One full pass: admit and promote until nothing is left, then unpark and reclaim.
     pub async fn pass(&self, stats: &mut SchedulerStats) -> Result<()> {
         let sc = &self.config.scheduler;
         loop {
-            let r =
-                lifecycle::admit(&self.pool, sc.batch, KNOWN_TYPES, sc.dependency_failure).await?;
+            let r = lifecycle::admit_with_estimates(
+                &self.pool,
+                sc.batch,
+                KNOWN_TYPES,
+                sc.dependency_failure,
+                self.providers.as_ref(),
+            )
+            .await?;
             let handled = r.handled();
             let a = &mut stats.admitted;
             a.queued += r.queued;
@@ -53,6 +73,7 @@ impl Scheduler {
                 break;
             }
         }
+        stats.unparked += lifecycle::unpark_providers(&self.pool).await?;
         loop {
             let n = lifecycle::promote(&self.pool, sc.batch).await?;
             stats.promoted += n;

@@ -16,11 +16,13 @@ use uuid::Uuid;
 
 use crate::Result;
 use crate::config::Config;
+use crate::handlers::PROVIDER_PARKED;
 use crate::handlers::{self, TaskContext};
 use crate::lifecycle::{
     self, CHANNEL_CANCEL, CHANNEL_QUEUED, ClaimRequest, ClaimedTask, Completion, Failure,
+    FailureAction,
 };
-use crate::providers::{ErrorKind, Providers};
+use crate::providers::{Preferences, Providers, TaskErrorKind};
 use crate::retry::{self, jittered, pause_after_db_errors};
 
 /// Counts of what one worker process did, printed at exit.
@@ -29,6 +31,10 @@ pub struct WorkerStats {
     pub claimed: u64,
     pub completed: u64,
     pub retried: u64,
+    /// Rate limited: back to the queue until the provider's reset, no attempt used.
+    pub snoozed: u64,
+    /// Their provider was parked (auth or quota): waiting, no attempt used.
+    pub parked: u64,
     pub failed: u64,
     /// Results dropped because the lease was gone (cancelled or reclaimed meanwhile).
     pub fenced: u64,
@@ -86,16 +92,19 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub fn new(pool: PgPool, config: Config, worker_id: String) -> Self {
-        let providers = Providers::from_config(&config.providers);
+    /// Builds the worker and its providers; API keys are read from the environment here, so
+    /// a missing key stops the worker at start-up with a configuration error.
+    pub fn new(pool: PgPool, config: Config, worker_id: String) -> Result<Self> {
+        let providers = Providers::from_config(&config)?
+            .with_budgets(crate::providers::limiter::Budgets::new(pool.clone()));
         let type_patterns = config.worker.type_like_patterns();
-        Self {
+        Ok(Self {
             pool,
             config: Arc::new(config),
             providers,
             worker_id,
             type_patterns,
-        }
+        })
     }
 
     pub fn id(&self) -> &str {
@@ -106,6 +115,7 @@ impl Worker {
     /// period, the rest are released to `queued` without counting an attempt.
     pub async fn run(self, shutdown: CancellationToken) -> Result<WorkerStats> {
         let wc = &self.config.worker;
+        self.providers.configure_budgets().await?;
         let slots = Arc::new(Semaphore::new(wc.concurrency));
         let running: RunningMap = Arc::default();
         let wake = Arc::new(Notify::new());
@@ -203,9 +213,21 @@ impl Worker {
     ) {
         let wc = &self.config.worker;
         let mut failures_in_a_row = 0u32;
+        let mut parked_checked: Option<Instant> = None;
         loop {
             if shutdown.is_cancelled() {
                 break;
+            }
+            // Which providers the fleet parked: read at most once a second, and only when a
+            // real provider is configured (routing under `auto` skips parked ones).
+            if self.providers.has_real_providers()
+                && parked_checked.is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+            {
+                parked_checked = Some(Instant::now());
+                match lifecycle::parked_providers(&self.pool).await {
+                    Ok(p) => self.providers.set_parked(p),
+                    Err(e) => tracing::warn!(error = %e, "cannot read parked providers"),
+                }
             }
             // Wait for at least one free slot, then take every free one (up to a batch).
             let mut permits = tokio::select! {
@@ -294,6 +316,7 @@ impl Worker {
                 input: task.input.clone(),
                 ai_provider: task.ai_provider.clone(),
                 ai_model: task.ai_model.clone(),
+                preferences: Preferences::from_json(task.ai_preferences.as_ref()),
             };
             let timeout = Duration::from_secs(config.worker.task_timeout_seconds);
             let run = AssertUnwindSafe(tokio::time::timeout(
@@ -312,7 +335,7 @@ impl Worker {
             // Flatten catch_unwind(timeout(run)) into the handler's own Result.
             let result = result.map(|r| match r {
                 Ok(Ok(outcome)) => outcome,
-                Ok(Err(_elapsed)) => Err(handlers::TaskError::transient(
+                Ok(Err(_elapsed)) => Err(handlers::TaskError::retryable(
                     "timeout",
                     format!("the handler did not finish within {} s", timeout.as_secs()),
                 )),
@@ -333,45 +356,106 @@ impl Worker {
                     ai_provider: out.provider,
                     ai_model: out.model,
                 }),
-                Some(Err(error)) => {
-                    let retry_in = (error.kind == ErrorKind::Transient
-                        && task.attempt < max_attempts)
-                        .then(|| retry::delay(&config.retry, task.attempt, error.retry_after));
-                    let mut details = json!({
-                        "message": error.message,
-                        "code": error.code,
-                        "attempt": task.attempt,
-                        "max_attempts": max_attempts,
-                        "retryable": error.kind == ErrorKind::Transient,
-                    });
-                    if let Some(status) = error.http_status {
-                        details["http_status"] = json!(status);
-                    }
-                    if let Some(body) = &error.body_excerpt {
-                        details["body_excerpt"] = json!(body);
-                    }
-                    if let Some(d) = retry_in {
-                        details["retry_in_ms"] = json!(d.as_millis() as u64);
-                    } else if error.kind == ErrorKind::Transient {
-                        details["message"] = json!(format!(
-                            "{} (gave up after {} attempts)",
-                            error.message, task.attempt
-                        ));
-                    }
-                    Attempt::Failed(Failure {
-                        id: task.id,
-                        lease_token: task.lease_token,
-                        retry_in,
-                        error_details: details,
-                        processing_time_ms: elapsed_ms,
-                    })
-                }
+                Some(Err(error)) => Attempt::Failed(failure(
+                    &config,
+                    &providers,
+                    &task,
+                    max_attempts,
+                    error,
+                    elapsed_ms,
+                )),
             };
             let _ = results.send(Outcome {
                 attempt,
                 _slot: permit,
             });
         });
+    }
+}
+
+/// Turns a failed attempt into what the engine does with the task, and the `error_details`
+/// it records.
+fn failure(
+    config: &Config,
+    providers: &Providers,
+    task: &ClaimedTask,
+    max_attempts: i32,
+    error: handlers::TaskError,
+    elapsed_ms: i32,
+) -> Failure {
+    let mut details = json!({
+        "message": error.message,
+        "code": error.code,
+        "attempt": task.attempt,
+        "max_attempts": max_attempts,
+        "retryable": error.is_retryable(),
+    });
+    if let Some(status) = error.http_status {
+        details["http_status"] = json!(status);
+    }
+    if let Some(body) = &error.body_excerpt {
+        details["body_excerpt"] = json!(body);
+    }
+    if let Some(id) = &error.request_id {
+        details["request_id"] = json!(id);
+    }
+    let max_wait = Duration::from_millis(config.retry.max_ms);
+    let action = match &error.kind {
+        TaskErrorKind::Retryable { retry_after } if task.attempt < max_attempts => {
+            let d = retry::delay(&config.retry, task.attempt, *retry_after);
+            details["retry_in_ms"] = json!(d.as_millis() as u64);
+            FailureAction::Retry(d)
+        }
+        TaskErrorKind::Retryable { .. } => {
+            details["message"] = json!(format!(
+                "{} (gave up after {} attempts)",
+                error.message, task.attempt
+            ));
+            FailureAction::Fail
+        }
+        TaskErrorKind::Permanent => FailureAction::Fail,
+        TaskErrorKind::Snooze { until, reason } => {
+            // A reset far away (or a clock skew) is capped like any retry delay.
+            let d = (*until - chrono::Utc::now())
+                .to_std()
+                .unwrap_or(Duration::ZERO)
+                .min(max_wait);
+            details["code"] = json!("rate_limited");
+            details["reason"] = json!(reason);
+            details["until"] =
+                json!(chrono::Utc::now() + chrono::Duration::from_std(d).unwrap_or_default());
+            details["retry_in_ms"] = json!(d.as_millis() as u64);
+            FailureAction::Snooze(d)
+        }
+        TaskErrorKind::ProviderUnavailable { provider } if error.code == PROVIDER_PARKED => {
+            // Known to be parked: wait for the recorded park, do not extend it.
+            details["provider"] = json!(provider);
+            FailureAction::Park {
+                provider: provider.clone(),
+                park: None,
+            }
+        }
+        TaskErrorKind::ProviderUnavailable { provider } => {
+            let park_for = Duration::from_secs(config.providers.park_seconds);
+            let until =
+                chrono::Utc::now() + chrono::Duration::from_std(park_for).unwrap_or_default();
+            providers.park(provider, until);
+            details["provider"] = json!(provider);
+            details["parked_until"] = json!(until);
+            tracing::warn!(provider = %provider, code = %error.code, park_seconds = park_for.as_secs(),
+                           "provider parked fleet-wide: {}", error.message);
+            FailureAction::Park {
+                provider: provider.clone(),
+                park: Some((park_for, format!("{}: {}", error.code, error.message))),
+            }
+        }
+    };
+    Failure {
+        id: task.id,
+        lease_token: task.lease_token,
+        action,
+        error_details: details,
+        processing_time_ms: elapsed_ms,
     }
 }
 
@@ -458,10 +542,13 @@ async fn write_results(
             for f in &failures {
                 if !written.contains(&f.id) {
                     s.fenced += 1;
-                } else if f.retry_in.is_some() {
-                    s.retried += 1;
                 } else {
-                    s.failed += 1;
+                    match f.action {
+                        FailureAction::Retry(_) => s.retried += 1,
+                        FailureAction::Snooze(_) => s.snoozed += 1,
+                        FailureAction::Park { .. } => s.parked += 1,
+                        FailureAction::Fail => s.failed += 1,
+                    }
                 }
             }
         }

@@ -175,7 +175,7 @@ impl InProcessFleet {
                 );
                 tokio::spawn(async move {
                     let pool = bizq::db::connect(&url, &settings).await?;
-                    Worker::new(pool, config, format!("test-worker-{i}"))
+                    Worker::new(pool, config, format!("test-worker-{i}"))?
                         .run(stop)
                         .await
                 })

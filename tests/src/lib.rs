@@ -2,3 +2,4 @@
 pub mod audit;
 pub mod engine;
 pub mod schema_support;
+pub mod stand_in;

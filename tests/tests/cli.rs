@@ -141,7 +141,7 @@ async fn fail_one(pool: &PgPool) -> anyhow::Result<Uuid> {
         &[Failure {
             id,
             lease_token,
-            retry_in: None,
+            action: lifecycle::FailureAction::Fail,
             error_details: json!({
                 "message": "provider said no", "code": "bad_input", "attempt": 1,
             }),

@@ -273,7 +273,10 @@ async fn transient_errors_retry_with_backoff_then_fail_with_details(
             .bind(id)
             .fetch_one(&pool)
             .await?;
-    assert_eq!(details["code"], "provider_unavailable");
+    assert_eq!(
+        details["code"], "provider_error",
+        "a 5xx is a transient provider error"
+    );
     assert_eq!(details["attempt"], 5);
     assert_eq!(details["http_status"], 503);
     assert!(
@@ -291,6 +294,8 @@ async fn transient_errors_retry_with_backoff_then_fail_with_details(
     Ok(())
 }
 
+/// A 429 snoozes the task until the provider's `retry-after-ms` (not the computed backoff),
+/// and the snooze gives back the claim's attempt.
 #[sqlx::test(migrations = "../migrations")]
 async fn a_429_retry_after_wins_over_the_backoff(pool: PgPool) -> anyhow::Result<()> {
     let config = config_with(&[
@@ -332,7 +337,10 @@ async fn a_429_retry_after_wins_over_the_backoff(pool: PgPool) -> anyhow::Result
             .bind(id)
             .fetch_one(&pool)
             .await?;
-    assert_eq!(attempt, 2, "completed on the attempt after the 429");
+    assert_eq!(
+        attempt, 1,
+        "a 429 snoozes the task without using an attempt: it completes on attempt 1"
+    );
     let Credits {
         balance, reserved, ..
     } = credits(&pool, ws).await?;

@@ -61,7 +61,8 @@ async fn main() -> anyhow::Result<()> {
     .await
     .context("connecting to PostgreSQL")?;
     db::check_schema(&pool).await?;
+    let worker = Worker::new(pool, config, worker_id)?;
     let shutdown = bizq::signals::shutdown_token();
-    Worker::new(pool, config, worker_id).run(shutdown).await?;
+    worker.run(shutdown).await?;
     Ok(())
 }

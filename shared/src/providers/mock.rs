@@ -1,22 +1,37 @@
 //! The built-in `mock` provider: deterministic text, token counts from the prompt's length,
 //! configurable latency, failure rate, and markers that make a prompt fail for good (400) or
-//! be rate limited once (429 with `Retry-After`). Enabled only by config.
+//! be rate limited once (429 with `retry-after-ms`). Enabled only by config. Its failures go
+//! through the same classification table as the real providers' answers.
 
+use std::collections::HashSet;
+use std::sync::Mutex;
 use std::time::Duration;
 
+use chrono::Utc;
 use futures::future::BoxFuture;
-use serde_json::json;
+use reqwest::header::{HeaderMap, HeaderValue};
+use uuid::Uuid;
 
-use super::{GenerateRequest, GenerateResponse, Provider, ProviderError};
-use crate::config::MockProviderConfig;
+use super::{Answer, GenerateRequest, Provider, TaskError, Usage, errors};
+use crate::config::{MockProviderConfig, ProviderKind};
 
 pub struct MockProvider {
     config: MockProviderConfig,
+    /// Tasks already rate limited once by this process (a snooze does not use an attempt,
+    /// so the attempt number cannot tell).
+    rate_limited: Mutex<HashSet<Uuid>>,
 }
 
 impl MockProvider {
     pub fn new(config: MockProviderConfig) -> Self {
-        Self { config }
+        Self {
+            config,
+            rate_limited: Mutex::default(),
+        }
+    }
+
+    fn error(status: u16, headers: &HeaderMap, body: &str) -> TaskError {
+        errors::classify("mock", status, headers, body, Utc::now())
     }
 
     /// Deterministic in (task, attempt): the same attempt always fails or succeeds alike, and
@@ -37,19 +52,23 @@ impl MockProvider {
 }
 
 /// Credits per call: one, plus one per started thousand tokens beyond the first.
-pub fn mock_cost(prompt_tokens: u32, completion_tokens: u32) -> i32 {
-    1 + ((prompt_tokens + completion_tokens) / 1000) as i32
+pub fn mock_cost(prompt_tokens: u64, completion_tokens: u64) -> i32 {
+    (1 + (prompt_tokens + completion_tokens) / 1000).min(i32::MAX as u64) as i32
 }
 
 impl Provider for MockProvider {
-    fn name(&self) -> &'static str {
+    fn name(&self) -> &str {
         "mock"
+    }
+
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::Mock
     }
 
     fn generate<'a>(
         &'a self,
         request: &'a GenerateRequest,
-    ) -> BoxFuture<'a, Result<GenerateResponse, ProviderError>> {
+    ) -> BoxFuture<'a, Result<Answer, TaskError>> {
         Box::pin(async move {
             if self.config.latency_ms > 0 {
                 tokio::time::sleep(Duration::from_millis(self.config.latency_ms)).await;
@@ -57,55 +76,59 @@ impl Provider for MockProvider {
             if let Some(marker) = &self.config.permanent_failure_marker
                 && request.prompt.contains(marker.as_str())
             {
-                return Err(ProviderError::from_http(
-                    "mock",
+                return Err(Self::error(
                     400,
+                    &HeaderMap::new(),
                     r#"{"error":"the prompt was rejected by the mock provider"}"#,
-                    None,
                 ));
             }
             if let Some(marker) = &self.config.rate_limit_marker
                 && request.prompt.contains(marker.as_str())
-                && request.attempt <= 1
+                && self
+                    .rate_limited
+                    .lock()
+                    .map(|mut s| s.insert(request.task_id))
+                    .unwrap_or(false)
             {
-                return Err(ProviderError::from_http(
-                    "mock",
+                let mut headers = HeaderMap::new();
+                if let Ok(v) =
+                    HeaderValue::from_str(&self.config.rate_limit_retry_after_ms.to_string())
+                {
+                    headers.insert("retry-after-ms", v);
+                }
+                return Err(Self::error(
                     429,
+                    &headers,
                     r#"{"error":"mock rate limit: slow down"}"#,
-                    Some(Duration::from_millis(self.config.rate_limit_retry_after_ms)),
                 ));
             }
             if self.fails_transiently(request) {
-                return Err(ProviderError::from_http(
-                    "mock",
+                return Err(Self::error(
                     503,
+                    &HeaderMap::new(),
                     r#"{"error":"mock provider overloaded"}"#,
-                    None,
                 ));
             }
-            let prompt_tokens = (request.prompt.chars().count() as u32).div_ceil(4).max(1);
-            let completion_tokens = (16 + prompt_tokens / 2).min(request.max_tokens.unwrap_or(256));
+            let prompt_tokens = (request.prompt.chars().count() as u64).div_ceil(4).max(1);
+            let completion_tokens =
+                (16 + prompt_tokens / 2).min(u64::from(request.max_tokens.unwrap_or(256)));
             let preview: String = request.prompt.chars().take(60).collect();
             let text = format!(
                 "[mock:{:08x}] A considered answer to \"{preview}\".",
                 fnv1a(request.prompt.as_bytes()) as u32
             );
-            let model = request.model.clone().unwrap_or_else(|| "mock-1".into());
-            let cost = mock_cost(prompt_tokens, completion_tokens);
-            Ok(GenerateResponse {
+            Ok(Answer {
                 text,
-                cost_breakdown: json!({
-                    "provider": "mock",
-                    "model": model,
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": completion_tokens,
-                    "credits": cost,
-                    "rule": "1 credit + 1 per 1000 tokens",
-                }),
-                model,
-                prompt_tokens,
-                completion_tokens,
-                cost_credits: cost,
+                model: Some(request.upstream.clone().unwrap_or_else(|| "mock-1".into())),
+                usage: Usage {
+                    input_tokens: prompt_tokens,
+                    output_tokens: completion_tokens,
+                    ..Usage::default()
+                },
+                finish_reason: Some("stop".into()),
+                truncated: false,
+                request_id: None,
+                headers: HeaderMap::new(),
             })
         })
     }
@@ -148,7 +171,7 @@ mod tests {
                 task_id,
                 attempt,
                 prompt: "p".into(),
-                model: None,
+                upstream: None,
                 max_tokens: None,
             })
         };
