@@ -708,15 +708,16 @@ pub async fn promote(pool: &PgPool, batch: i64) -> Result<u64> {
     Ok(promoted as u64)
 }
 
-/// **Unpark** (scheduler): tasks parked because their workspace could not pay, or was not in
-/// good standing, become promotable again once it can pay for them.
+/// **Unpark** (scheduler): tasks parked because their workspace could not pay, was not in
+/// good standing, or was locked by someone else at claim time (`workspace_busy`), become
+/// promotable again once it can pay for them. Provider waits are [`unpark_providers`]'.
 pub async fn unpark(pool: &PgPool) -> Result<u64> {
     let done = sqlx::query(
         "UPDATE tasks t
             SET wait_reason = NULL
            FROM workspaces w
           WHERE t.status = 'pending'
-            AND t.wait_reason IN ('insufficient_credits', 'subscription_inactive')
+            AND t.wait_reason IN ('insufficient_credits', 'subscription_inactive', 'workspace_busy')
             AND w.id = t.workspace_id
             AND COALESCE(w.subscription_status, 'active') IN ('active', 'trial')
             AND (w.subscription_status IS DISTINCT FROM 'trial' OR w.trial_ends_at IS NULL OR w.trial_ends_at > now())

@@ -118,7 +118,7 @@ async fn priced_task(
 /// exactly-once completion (audit trigger); charging `actual_cost`, not the reservation
 /// (costs 1–3 by prompt length, reservations 4 or 1); and that every task that did not
 /// complete has a reason the test can name: a `[reject]` prompt (HTTP 400, `bad_request`,
-/// attempt 1), mock 503s on every attempt it had (`provider_unavailable`; 30% of calls fail
+/// attempt 1), mock 503s on every attempt it had (`provider_error`; 30% of calls fail
 /// transiently, so retries are everywhere and some bulk tasks run out), or the cancellation
 /// of its dependents (`dependency_failed` / `dependency_cancelled`, pointing at
 /// that dependency).
@@ -361,7 +361,7 @@ async fn two_schedulers_and_four_workers_complete_2000_tasks_exactly_once(
                      AND t.attempt = 1)
             AND NOT (t.status = 'failed'
                      AND t.input ->> 'prompt' NOT LIKE '%' || $1 || '%'
-                     AND t.error_details ->> 'code' = 'provider_unavailable'
+                     AND t.error_details ->> 'code' = 'provider_error'
                      AND t.attempt = COALESCE(t.max_attempts, 3)
                      AND (t.error_details ->> 'max_attempts')::int = t.attempt)
             AND NOT (t.status = 'cancelled'
@@ -380,7 +380,7 @@ async fn two_schedulers_and_four_workers_complete_2000_tasks_exactly_once(
     );
     let (rejects_failed, given_up, cancelled): (i64, i64, i64) = sqlx::query_as(
         "SELECT count(*) FILTER (WHERE status = 'failed' AND error_details ->> 'code' = 'bad_request'),
-                count(*) FILTER (WHERE status = 'failed' AND error_details ->> 'code' = 'provider_unavailable'),
+                count(*) FILTER (WHERE status = 'failed' AND error_details ->> 'code' = 'provider_error'),
                 count(*) FILTER (WHERE status = 'cancelled')
            FROM tasks",
     )

@@ -324,7 +324,12 @@ async fn a_429_retry_after_wins_over_the_backoff(pool: PgPool) -> anyhow::Result
             )
         })
         .collect();
-    assert_eq!(waits, vec![(1500, Some("rate_limited"))], "{history:?}");
+    // The snooze lasts until the moment the provider named (1.5 s after its answer), so the
+    // delay written is 1.5 s less the few ms between the answer and the write.
+    assert!(
+        matches!(waits.as_slice(), [(d, Some("rate_limited"))] if (1400..=1500).contains(d)),
+        "{history:?}"
+    );
     let http: Option<i32> = sqlx::query_scalar(
         "SELECT (error_details ->> 'http_status')::int FROM tasks WHERE id = $1",
     )

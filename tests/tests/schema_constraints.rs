@@ -61,6 +61,29 @@ const CASES: &[(&str, &str, &str)] = &[
         "UPDATE tasks SET worker_type = 'robot'",
     ),
     ("tasks", "valid_priority", "UPDATE tasks SET priority = 11"),
+    // Provider rate budgets (migration 0010): known dimensions, a bucket never above its
+    // burst, slots held with an expiry.
+    (
+        "provider_budgets",
+        "provider_budgets_dimension",
+        "INSERT INTO provider_budgets (provider, dimension) VALUES ('p', 'dollars')",
+    ),
+    (
+        "provider_budgets",
+        "provider_budgets_bucket",
+        "INSERT INTO provider_budgets (provider, dimension, capacity, burst, tokens)
+         VALUES ('p', 'requests', 60, 1, 2)",
+    ),
+    (
+        "provider_slots",
+        "provider_slots_slot",
+        "INSERT INTO provider_slots (provider, slot) VALUES ('p', -1)",
+    ),
+    (
+        "provider_slots",
+        "provider_slots_held",
+        "INSERT INTO provider_slots (provider, slot, holder) VALUES ('p', 0, gen_random_uuid())",
+    ),
     // Engine-only settings (migration 0009): one row, limits positive.
     (
         "bizq_limits",
