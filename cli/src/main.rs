@@ -5,6 +5,7 @@ mod admin;
 mod bench;
 mod demo;
 mod fleet;
+mod workers;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -67,6 +68,9 @@ enum Command {
     },
     /// Queue depth by status, oldest waiting task, throughput, workspaces' credits.
     Stats,
+    /// Registered schedulers and workers: alive, draining, or LOST (not seen for
+    /// ops.worker_lost_after_seconds: killed, or its host is gone).
+    Workers,
     /// Run the local demo: seed workspace, a batch of tasks with priorities and dependencies,
     /// one scheduler and two workers as child processes, then a summary.
     ///
@@ -123,6 +127,10 @@ async fn run(cli: Cli, config_flag: bool) -> anyhow::Result<()> {
             admin::cancel(&admin::pool(&url, &config).await?, &config, id, &reason).await
         }
         Command::Stats => admin::stats(&admin::pool(&url, &config()?).await?).await,
+        Command::Workers => {
+            let config = config()?;
+            workers::list(&admin::pool(&url, &config).await?, &config).await
+        }
         // Only a --config typed on the command line replaces the demo's own config.
         Command::Demo(a) => demo::run(&url, cli.config.as_deref().filter(|_| config_flag), a).await,
         // The benchmark writes its own config for the fleets it starts.

@@ -1,4 +1,5 @@
 //! Test support.
 pub mod audit;
 pub mod engine;
+pub mod ops;
 pub mod schema_support;
