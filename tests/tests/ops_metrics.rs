@@ -161,7 +161,7 @@ async fn metrics_scraped_from_a_running_fleet_match_the_rows(pool: PgPool) -> an
     }
     wait_for(
         &pool,
-        "SELECT count(*) = 0 FROM tasks WHERE status IN ('queued', 'processing') OR (status = 'pending' AND scheduled_for IS NULL AND depends_on IS NULL)",
+        "SELECT count(*) = 70 FROM tasks WHERE status IN ('completed', 'failed')",
         Duration::from_secs(120),
     )
     .await?;
