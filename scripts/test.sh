@@ -13,4 +13,5 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The fleet tests run the real bizq-worker / bizq-scheduler binaries.
 cargo build --workspace --bins --locked
+scripts/lint-deploy.sh  # Dockerfile, compose, Kubernetes manifests; the image built from these binaries
 cargo test --workspace --locked "$@"
