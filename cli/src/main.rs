@@ -3,6 +3,7 @@
 
 mod admin;
 mod bench;
+mod dashboard;
 mod demo;
 mod fleet;
 mod workers;
@@ -68,6 +69,11 @@ enum Command {
     },
     /// Queue depth by status, oldest waiting task, throughput, workspaces' credits.
     Stats,
+    /// Serve the web dashboard (overview, workspaces, tasks, workers; retry and cancel).
+    ///
+    /// Listens on 127.0.0.1:8080 by default (ops.dashboard_addr). Any other address needs a
+    /// token in $BIZQ_DASHBOARD_TOKEN or ops.dashboard_token_file.
+    Dashboard(dashboard::DashboardArgs),
     /// Registered schedulers and workers: alive, draining, or LOST (not seen for
     /// ops.worker_lost_after_seconds: killed, or its host is gone).
     Workers,
@@ -127,6 +133,11 @@ async fn run(cli: Cli, config_flag: bool) -> anyhow::Result<()> {
             admin::cancel(&admin::pool(&url, &config).await?, &config, id, &reason).await
         }
         Command::Stats => admin::stats(&admin::pool(&url, &config()?).await?).await,
+        Command::Dashboard(a) => {
+            let config = config()?;
+            let pool = admin::pool(&url, &config).await?;
+            dashboard::run(pool, config, a).await
+        }
         Command::Workers => {
             let config = config()?;
             workers::list(&admin::pool(&url, &config).await?, &config).await
