@@ -185,7 +185,8 @@ async fn fixture(pool: &PgPool) -> anyhow::Result<Fixture> {
     force(
         pool,
         xss,
-        "status = 'completed', attempt = 1, started_at = now() - interval '2 seconds',
+        "status = 'completed', attempt = 1, created_at = now() - interval '3 seconds',
+         started_at = now() - interval '2 seconds',
          completed_at = now(), actual_cost = 2, processing_time_ms = 1500,
          ai_provider = 'mock', ai_model = 'mock-1',
          cost_breakdown = '{\"credits\": 2, \"input_tokens\": 12, \"output_tokens\": 40}',

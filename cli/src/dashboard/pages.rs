@@ -341,6 +341,8 @@ pub async fn task(
                 @if Action::Retry.applies_to().contains(&t.status.as_str()) { (action_button(&app, t.id, Action::Retry)) }
                 @if Action::Cancel.applies_to().contains(&t.status.as_str()) { (action_button(&app, t.id, Action::Cancel)) }
             }
+            div class="task-grid" {
+            div {
             table class="facts" {
                 tr { th { "id" } td { code { (t.id) } } }
                 tr { th { "workspace" } td { a href={ "/tasks?workspace=" (t.slug) } { (t.slug) } " " code class="id" { (t.workspace_id) } } }
@@ -357,6 +359,12 @@ pub async fn task(
                 tr { th { "provider / model" } td { (opt(t.ai_provider.as_deref())) " / " (opt(t.ai_model.as_deref())) } }
                 tr { th { "credits" } td { "estimated " (opt(t.estimated_cost)) ", actual " (opt(t.actual_cost)) ", reserved " (t.reserved_credits) } }
             }
+            h2 { "Depends on" @if let Some(n) = t.deps_remaining { " (" (n) " unfinished)" } }
+            div id="dependencies" { (links(&deps)) }
+            h2 { "Dependents" }
+            div id="dependents" { (links(&dependents)) }
+            }
+            div {
             h2 { "Input" }
             pre id="input" { (pretty(&Some(t.input.clone()))) }
             h2 { "Output" }
@@ -365,10 +373,8 @@ pub async fn task(
             pre id="cost" { (pretty(&t.cost_breakdown)) }
             h2 { "Error (latest attempt)" }
             pre id="error" { (pretty(&t.error_details)) }
-            h2 { "Depends on" @if let Some(n) = t.deps_remaining { " (" (n) " unfinished)" } }
-            div id="dependencies" { (links(&deps)) }
-            h2 { "Dependents" }
-            div id="dependents" { (links(&dependents)) }
+            }
+            }
         },
     )
     .into_response())
