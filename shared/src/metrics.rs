@@ -100,6 +100,13 @@ pub fn install() -> crate::Result<PrometheusHandle> {
     Ok(handle)
 }
 
+/// Whether this process serves metrics. Without a listener nothing is recorded, and the
+/// per-task bookkeeping (and its query per claim) is skipped, so a fleet without
+/// `--metrics-addr` (the benchmark's) does exactly the work it did before.
+pub fn enabled() -> bool {
+    HANDLE.get().is_some()
+}
+
 /// What the worker remembers about a task between its claim and its result, for labels.
 struct Tracked {
     task_type: String,
@@ -160,6 +167,9 @@ async fn plans_of(pool: &PgPool, workspaces: &[Uuid]) -> HashMap<Uuid, String> {
 /// in the background (they need the plans and due times, one small query), so the claim
 /// loop never waits for metrics.
 pub fn claimed(pool: &PgPool, tasks: &[ClaimedTask], took: Duration) {
+    if !enabled() {
+        return;
+    }
     histogram!(CLAIM_DURATION).record(took.as_secs_f64());
     histogram!(CLAIM_BATCH_SIZE).record(tasks.len() as f64);
     if tasks.is_empty() {
@@ -223,6 +233,9 @@ pub async fn results(
     written: &std::collections::HashSet<Uuid>,
     took: Duration,
 ) {
+    if !enabled() {
+        return;
+    }
     histogram!(RESULT_DURATION).record(took.as_secs_f64());
     histogram!(RESULT_BATCH_SIZE).record((completions.len() + failures.len()) as f64);
     let mut labels: HashMap<Uuid, (String, Uuid)> = HashMap::new();
@@ -282,6 +295,9 @@ pub async fn results(
 
 /// Tasks released to the queue at shutdown.
 pub fn released(ids: &[Uuid], n: u64) {
+    if !enabled() {
+        return;
+    }
     if let Ok(mut map) = tracked().lock() {
         for id in ids {
             map.remove(id);
