@@ -142,6 +142,15 @@ async fn metrics_scraped_from_a_running_fleet_match_the_rows(pool: PgPool) -> an
         ),
         1.0
     );
+    // The pass counts what it admitted when it ends, just after the admission committed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut m = m;
+    while sum(&m, "bizq_tasks_admitted_total", &["outcome=\"queued\""]) != 70.0
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        m = scrape(&sched_addr).await?;
+    }
     assert_eq!(
         sum(&m, "bizq_tasks_admitted_total", &["outcome=\"queued\""]),
         70.0
@@ -178,7 +187,9 @@ async fn metrics_scraped_from_a_running_fleet_match_the_rows(pool: PgPool) -> an
             all.push(scrape(a).await?);
         }
         let merged = merge(&all);
-        if facts_from_metrics(&merged) == rows || Instant::now() > deadline {
+        let settled = facts_from_metrics(&merged) == rows
+            && sum(&merged, "bizq_worker_in_flight", &[]) == 0.0;
+        if settled || Instant::now() > deadline {
             break merged;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
