@@ -1,5 +1,5 @@
-//! `bizq`: the admin CLI — migrate, enqueue, list, inspect, retry, cancel, stats — plus the
-//! local demo and the benchmark.
+//! `bizq`: the admin CLI — migrate, enqueue, list, inspect, retry, cancel, stats, workers —
+//! the web dashboard, the local demo and the benchmark.
 
 mod admin;
 mod bench;

@@ -22,11 +22,24 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
-/// chromedriver on a free port, and a WebDriver session of headless Chromium.
+/// chromedriver on a free port, and a WebDriver session of headless Chromium. chromedriver
+/// runs in a process group of its own, and dropping this kills the whole group, so a test
+/// that fails half-way leaves no browser behind.
 struct Browser {
     client: Client,
-    _driver: tokio::process::Child,
-    _profile: std::path::PathBuf,
+    driver: tokio::process::Child,
+    profile: std::path::PathBuf,
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        if let Some(pid) = self.driver.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", "--", &format!("-{pid}")])
+                .status();
+        }
+        let _ = std::fs::remove_dir_all(&self.profile);
+    }
 }
 
 impl Browser {
@@ -34,6 +47,7 @@ impl Browser {
         let port = free_port();
         let driver = tokio::process::Command::new("chromedriver")
             .arg(format!("--port={port}"))
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
@@ -73,14 +87,14 @@ impl Browser {
             .await?;
         Ok(Self {
             client,
-            _driver: driver,
-            _profile: profile,
+            driver,
+            profile,
         })
     }
 
+    /// Ends the WebDriver session (Chromium quits); dropping then stops chromedriver.
     async fn close(self) -> anyhow::Result<()> {
-        self.client.close().await?;
-        let _ = std::fs::remove_dir_all(&self._profile);
+        self.client.clone().close().await?;
         Ok(())
     }
 }
