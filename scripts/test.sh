@@ -13,4 +13,6 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The fleet tests run the real bizq-worker / bizq-scheduler binaries.
 cargo build --workspace --bins --locked
+scripts/lint-deploy.sh  # Dockerfile, compose, Kubernetes manifests; the image built from these binaries
+scripts/ci-browser-deps.sh  # headless Chromium + chromedriver for the dashboard's browser tests
 cargo test --workspace --locked "$@"

@@ -1,11 +1,13 @@
-//! `bizq`: the admin CLI — migrate, enqueue, list, inspect, retry, cancel, stats, providers —
-//! plus the local demo and the benchmark.
+//! `bizq`: the admin CLI — migrate, enqueue, list, inspect, retry, cancel, stats, providers,
+//! workers, credentials — the web dashboard, the local demo and the benchmark.
 
 mod admin;
 mod bench;
 mod credentials;
+mod dashboard;
 mod demo;
 mod fleet;
+mod workers;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -71,6 +73,14 @@ enum Command {
     /// AI providers parked fleet-wide (bad key, exhausted quota): until when, why, and how
     /// many tasks wait for each.
     Providers,
+    /// Serve the web dashboard (overview, workspaces, tasks, workers; retry and cancel).
+    ///
+    /// Listens on 127.0.0.1:8080 by default (ops.dashboard_addr). Any other address needs a
+    /// token in $BIZQ_DASHBOARD_TOKEN or ops.dashboard_token_file.
+    Dashboard(dashboard::DashboardArgs),
+    /// Registered schedulers and workers: alive, draining, or LOST (not seen for
+    /// ops.worker_lost_after_seconds: killed, or its host is gone).
+    Workers,
     /// Run the local demo: seed workspace, a batch of tasks with priorities and dependencies,
     /// one scheduler and two workers as child processes, then a summary.
     ///
@@ -131,6 +141,15 @@ async fn run(cli: Cli, config_flag: bool) -> anyhow::Result<()> {
         }
         Command::Stats => admin::stats(&admin::pool(&url, &config()?).await?).await,
         Command::Providers => admin::providers(&admin::pool(&url, &config()?).await?).await,
+        Command::Dashboard(a) => {
+            let config = config()?;
+            let pool = admin::pool(&url, &config).await?;
+            dashboard::run(pool, config, a).await
+        }
+        Command::Workers => {
+            let config = config()?;
+            workers::list(&admin::pool(&url, &config).await?, &config).await
+        }
         // Only a --config typed on the command line replaces the demo's own config.
         Command::Demo(a) => demo::run(&url, cli.config.as_deref().filter(|_| config_flag), a).await,
         // The benchmark writes its own config for the fleets it starts.

@@ -21,18 +21,28 @@ struct Args {
     /// TOML config file (default: $BIZQ_CONFIG, else built-in defaults). See config/bizq.toml.
     #[arg(long, short)]
     config: Option<PathBuf>,
+    /// Name shown in `bizq workers` (default: host:pid:random).
+    #[arg(long)]
+    id: Option<String>,
+    /// Serve /metrics, /healthz and /readyz here, e.g. 127.0.0.1:9465 (overrides
+    /// ops.metrics_addr; default off).
+    #[arg(long)]
+    metrics_addr: Option<String>,
+    /// Log lines as `human` (default) or `json` (overrides ops.log_format).
+    #[arg(long)]
+    log_format: Option<bizq::config::LogFormat>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,sqlx=warn".into()),
-        )
-        .init();
     let args = Args::parse();
-    let config = bizq::Config::load(args.config.as_deref())?;
+    let mut config = bizq::Config::load(args.config.as_deref())?;
+    bizq::ops::apply_flags(&mut config, args.metrics_addr, args.log_format);
+    bizq::logs::init(
+        config.ops.log_format,
+        "info,sqlx=warn",
+        bizq::logs::Output::Stdout,
+    );
     let url = bizq::config::database_url(args.database_url)?;
     let pool = db::connect(
         &url,
@@ -46,6 +56,17 @@ async fn main() -> anyhow::Result<()> {
     .context("connecting to PostgreSQL")?;
     db::check_schema(&pool).await?;
     let shutdown = bizq::signals::shutdown_token();
+    let id = args.id.unwrap_or_else(bizq::worker::default_worker_id);
+    let ops = bizq::ops::start(
+        &pool,
+        &config,
+        &id,
+        bizq::registry::Role::Scheduler,
+        Default::default(),
+        shutdown.clone(),
+    )
+    .await?;
     Scheduler::new(pool, config).run(shutdown).await?;
+    ops.stop().await;
     Ok(())
 }

@@ -20,6 +20,7 @@ pub struct Config {
     /// Models tasks may use, by the name in `tasks.ai_model`.
     pub models: BTreeMap<String, ModelConfig>,
     pub billing: BillingConfig,
+    pub ops: OpsConfig,
 }
 
 /// What a worker process claims and how it runs it.
@@ -155,6 +156,65 @@ impl Default for SchedulerConfig {
             dependency_failure: DependencyFailurePolicy::Cancel,
             housekeeping_interval_seconds: 300,
             partitions_ahead: 3,
+        }
+    }
+}
+
+/// The ops surface: logs, the metrics/health listener, the live-workers registry and the
+/// dashboard. See `config/bizq.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OpsConfig {
+    /// Address for `/metrics`, `/healthz` and `/readyz` (e.g. `127.0.0.1:9464`); empty = off.
+    /// Port 0 picks a free port (recorded in the `workers` table).
+    pub metrics_addr: String,
+    /// `human` (default) or `json`.
+    pub log_format: LogFormat,
+    /// How often a process refreshes its row in `workers`.
+    pub heartbeat_ms: u64,
+    /// A `workers` row not refreshed for this long is shown as lost.
+    pub worker_lost_after_seconds: u64,
+    /// Housekeeping deletes a `workers` row not refreshed for this long.
+    pub worker_forget_after_seconds: u64,
+    /// Where `bizq dashboard` listens. Anything but loopback needs a token.
+    pub dashboard_addr: String,
+    /// A file holding the dashboard token (else `$BIZQ_DASHBOARD_TOKEN`).
+    pub dashboard_token_file: Option<std::path::PathBuf>,
+}
+
+impl Default for OpsConfig {
+    fn default() -> Self {
+        Self {
+            metrics_addr: String::new(),
+            log_format: LogFormat::Human,
+            heartbeat_ms: 5_000,
+            worker_lost_after_seconds: 30,
+            worker_forget_after_seconds: 86_400,
+            dashboard_addr: "127.0.0.1:8080".into(),
+            dashboard_token_file: None,
+        }
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event (tracing's default format).
+    #[default]
+    Human,
+    /// One JSON object per line, fields included.
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s {
+            "human" => Ok(Self::Human),
+            "json" => Ok(Self::Json),
+            other => Err(format!("unknown log format '{other}' (human or json)")),
         }
     }
 }
@@ -475,6 +535,19 @@ impl Config {
         {
             return Err(Error::Config(
                 "batch sizes and worker.result_writers must be at least 1".into(),
+            ));
+        }
+        let o = &self.ops;
+        if o.heartbeat_ms == 0 || o.heartbeat_ms >= o.worker_lost_after_seconds * 1000 / 2 {
+            return Err(Error::Config(format!(
+                "ops.heartbeat_ms ({}) must be under half of ops.worker_lost_after_seconds ({} s)",
+                o.heartbeat_ms, o.worker_lost_after_seconds
+            )));
+        }
+        if o.worker_forget_after_seconds < o.worker_lost_after_seconds {
+            return Err(Error::Config(
+                "ops.worker_forget_after_seconds must be at least ops.worker_lost_after_seconds"
+                    .into(),
             ));
         }
         Ok(())

@@ -12,15 +12,22 @@
 //! - [`retry`]: how long a failed attempt (or a failed database call) waits before the next.
 //! - [`listen`]: LISTEN/NOTIFY wake-ups that reconnect on their own.
 //! - [`config`]: the settings every binary reads.
+//! - [`registry`], [`metrics`], [`health`], [`ops`], [`logs`]: the ops surface (live workers,
+//!   Prometheus metrics, health endpoints, log format).
 
 pub mod config;
 pub mod db;
 pub mod error;
 pub mod handlers;
+pub mod health;
 pub mod housekeeping;
 pub mod lifecycle;
 pub mod listen;
+pub mod logs;
+pub mod metrics;
+pub mod ops;
 pub mod providers;
+pub mod registry;
 pub mod retry;
 pub mod scheduler;
 pub mod worker;

@@ -37,6 +37,7 @@ pub async fn listen(
             }
         };
         failures = 0;
+        let _up = crate::health::ListenerUp::new();
         wake.notify_one();
         loop {
             let n = tokio::select! {

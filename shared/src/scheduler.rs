@@ -51,6 +51,8 @@ impl Scheduler {
 
     /// One full pass: admit and promote until nothing is left, then unpark and reclaim.
     pub async fn pass(&self, stats: &mut SchedulerStats) -> Result<()> {
+        let started = Instant::now();
+        let (admitted_before, reclaimed_before) = (stats.admitted.clone(), stats.reclaimed.clone());
         let sc = &self.config.scheduler;
         loop {
             let r = lifecycle::admit_with_estimates(
@@ -111,6 +113,12 @@ impl Scheduler {
             }
         }
         stats.passes += 1;
+        crate::metrics::scheduler_pass_since(
+            &admitted_before,
+            &reclaimed_before,
+            stats,
+            started.elapsed(),
+        );
         Ok(())
     }
 
@@ -144,6 +152,7 @@ impl Scheduler {
                     Ok(None) => tracing::debug!("housekeeping running elsewhere"),
                     Err(e) => tracing::warn!(error = %e, "housekeeping failed"),
                 }
+                crate::registry::housekeep(&self.pool, &self.config.ops).await;
                 next_housekeeping = Instant::now() + hk_every;
             }
             tokio::select! {

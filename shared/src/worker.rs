@@ -45,6 +45,7 @@ pub struct WorkerStats {
 /// A task this process is running.
 struct Running {
     lease_token: Uuid,
+    workspace_id: Uuid,
     abort: CancellationToken,
 }
 
@@ -89,6 +90,7 @@ pub struct Worker {
     providers: Providers,
     worker_id: String,
     type_patterns: Option<Vec<String>>,
+    live: Arc<crate::registry::Liveness>,
 }
 
 impl Worker {
@@ -104,11 +106,17 @@ impl Worker {
             providers,
             worker_id,
             type_patterns,
+            live: Arc::default(),
         })
     }
 
     pub fn id(&self) -> &str {
         &self.worker_id
+    }
+
+    /// What this worker reports to the `workers` table and `/metrics` while it runs.
+    pub fn liveness(&self) -> Arc<crate::registry::Liveness> {
+        self.live.clone()
     }
 
     /// Runs until `shutdown` fires, then drains: no new claims, running tasks get the grace
@@ -122,6 +130,10 @@ impl Worker {
         let stats = Arc::new(Mutex::new(WorkerStats::default()));
         let (results_tx, results_rx) = mpsc::unbounded_channel::<Outcome>();
         let background = CancellationToken::new();
+        self.live.count_in_flight_with({
+            let running = running.clone();
+            move || running_count(&running)
+        });
 
         let listener = tokio::spawn(listen(
             self.pool.clone(),
@@ -179,7 +191,9 @@ impl Worker {
         if !leftovers.is_empty() {
             match lifecycle::release(&self.pool, &leftovers).await {
                 Ok(n) => {
-                    tracing::info!(released = n, "released unfinished tasks to the queue");
+                    let ids: Vec<Uuid> = leftovers.iter().map(|(id, _)| *id).collect();
+                    crate::metrics::released(&ids, n);
+                    tracing::info!(released = n, tasks = ?ids, "released unfinished tasks to the queue");
                     if let Ok(mut s) = stats.lock() {
                         s.released += n;
                     }
@@ -249,9 +263,12 @@ impl Worker {
                 type_patterns: self.type_patterns.as_deref(),
                 lease: wc.lease(),
             };
+            let claim_started = Instant::now();
             let claimed = match lifecycle::claim(&self.pool, &request).await {
                 Ok(c) => {
                     failures_in_a_row = 0;
+                    self.live.claimed(c.len());
+                    crate::metrics::claimed(&self.pool, &c, claim_started.elapsed());
                     c
                 }
                 Err(e) => {
@@ -300,6 +317,7 @@ impl Worker {
                 task.id,
                 Running {
                     lease_token: task.lease_token,
+                    workspace_id: task.workspace_id,
                     abort: abort.clone(),
                 },
             );
@@ -307,7 +325,8 @@ impl Worker {
         let providers = self.providers.clone();
         let config = self.config.clone();
         let results = results.clone();
-        tokio::spawn(async move {
+        let span = tracing::info_span!("task", task = %task.id, workspace = %task.workspace_id);
+        let run_task = async move {
             let started = Instant::now();
             let ctx = TaskContext {
                 id: task.id,
@@ -369,7 +388,9 @@ impl Worker {
                 attempt,
                 _slot: permit,
             });
-        });
+        };
+        // Every log line of the run carries the task and its workspace.
+        tokio::spawn(tracing::Instrument::instrument(run_task, span));
     }
 }
 
@@ -493,6 +514,7 @@ async fn write_results(
         let mut completions = Vec::new();
         let mut failures = Vec::new();
         let mut aborted = 0u64;
+        let mut aborted_ids = Vec::new();
         let mut done_ids = Vec::with_capacity(buffer.len());
         for o in &buffer {
             match &o.attempt {
@@ -506,10 +528,12 @@ async fn write_results(
                 }
                 Attempt::Aborted(id) => {
                     done_ids.push(*id);
+                    aborted_ids.push(*id);
                     aborted += 1;
                 }
             }
         }
+        let batch_started = Instant::now();
         let give_up = Instant::now() + lease;
         let mut attempt = 0u32;
         let written = loop {
@@ -530,6 +554,15 @@ async fn write_results(
         };
         let written: std::collections::HashSet<Uuid> =
             written.unwrap_or_default().into_iter().collect();
+        crate::metrics::results(
+            &pool,
+            &completions,
+            &failures,
+            &aborted_ids,
+            &written,
+            batch_started.elapsed(),
+        )
+        .await;
         if let Ok(mut s) = stats.lock() {
             s.aborted += aborted;
             for c in &completions {
@@ -552,10 +585,12 @@ async fn write_results(
                 }
             }
         }
-        for c in completions.iter().filter(|c| !written.contains(&c.id)) {
-            tracing::warn!(task = %c.id, "result dropped: the lease was lost (task cancelled or reclaimed)");
-        }
         if let Ok(mut map) = running.lock() {
+            for c in completions.iter().filter(|c| !written.contains(&c.id)) {
+                let workspace = map.get(&c.id).map(|r| r.workspace_id.to_string());
+                tracing::warn!(task = %c.id, workspace = workspace.as_deref().unwrap_or("-"),
+                    "result dropped: the lease was lost (task cancelled or reclaimed)");
+            }
             for id in &done_ids {
                 map.remove(id);
             }
@@ -591,7 +626,8 @@ async fn heartbeat_loop(
                             && let Some(r) = map.get(id)
                             && r.lease_token == *token
                         {
-                            tracing::info!(task = %id, "lease lost (cancelled or reclaimed): aborting");
+                            tracing::info!(task = %id, workspace = %r.workspace_id,
+                                "lease lost (cancelled or reclaimed): aborting");
                             r.abort.cancel();
                         }
                     }
@@ -621,24 +657,23 @@ async fn listen(pool: PgPool, running: RunningMap, wake: Arc<Notify>, stop: Canc
             let Ok(id) = n.payload().parse::<Uuid>() else {
                 return;
             };
-            let Some((token, abort)) = running
-                .lock()
-                .ok()
-                .and_then(|map| map.get(&id).map(|r| (r.lease_token, r.abort.clone())))
-            else {
+            let Some((token, workspace, abort)) = running.lock().ok().and_then(|map| {
+                map.get(&id)
+                    .map(|r| (r.lease_token, r.workspace_id, r.abort.clone()))
+            }) else {
                 return;
             };
             let pool = check_pool.clone();
             tokio::spawn(async move {
                 match lifecycle::lease_is_held(&pool, id, token).await {
                     Ok(false) => {
-                        tracing::info!(task = %id, "cancelled by an admin: aborting");
+                        tracing::info!(task = %id, %workspace, "cancelled by an admin: aborting");
                         abort.cancel();
                     }
-                    Ok(true) => tracing::warn!(task = %id,
+                    Ok(true) => tracing::warn!(task = %id, %workspace,
                         "cancel notification for a task whose lease is still held: ignored"),
                     // The heartbeat checks every lease again shortly.
-                    Err(e) => tracing::warn!(task = %id, error = %e,
+                    Err(e) => tracing::warn!(task = %id, %workspace, error = %e,
                         "could not check a cancel notification; the heartbeat will"),
                 }
             });

@@ -29,18 +29,25 @@ struct Args {
     /// Name shown in tasks.locked_by (default: host:pid:random).
     #[arg(long)]
     id: Option<String>,
+    /// Serve /metrics, /healthz and /readyz here, e.g. 127.0.0.1:9464 (overrides
+    /// ops.metrics_addr; default off).
+    #[arg(long)]
+    metrics_addr: Option<String>,
+    /// Log lines as `human` (default) or `json` (overrides ops.log_format).
+    #[arg(long)]
+    log_format: Option<bizq::config::LogFormat>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,sqlx=warn".into()),
-        )
-        .init();
     let args = Args::parse();
     let mut config = bizq::Config::load(args.config.as_deref())?;
+    bizq::ops::apply_flags(&mut config, args.metrics_addr, args.log_format);
+    bizq::logs::init(
+        config.ops.log_format,
+        "info,sqlx=warn",
+        bizq::logs::Output::Stdout,
+    );
     if let Some(t) = args.types {
         config.worker.types = t;
     }
@@ -61,8 +68,18 @@ async fn main() -> anyhow::Result<()> {
     .await
     .context("connecting to PostgreSQL")?;
     db::check_schema(&pool).await?;
-    let worker = Worker::new(pool, config, worker_id)?;
+    let worker = Worker::new(pool.clone(), config.clone(), worker_id.clone())?;
     let shutdown = bizq::signals::shutdown_token();
+    let ops = bizq::ops::start(
+        &pool,
+        &config,
+        &worker_id,
+        bizq::registry::Role::Worker,
+        worker.liveness(),
+        shutdown.clone(),
+    )
+    .await?;
     worker.run(shutdown).await?;
+    ops.stop().await;
     Ok(())
 }

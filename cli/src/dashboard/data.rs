@@ -1,0 +1,422 @@
+//! The dashboard's reads: every query behind its pages, and the task filter shared by the
+//! task list and the bulk actions.
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+use serde::Deserialize;
+use serde_json::Value;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// Task counts by status, the oldest queued task's age, and the last hour per minute.
+pub struct Overview {
+    pub by_status: Vec<(String, i64)>,
+    pub oldest_queued_s: Option<f64>,
+    pub parked: Vec<(String, i64)>,
+    pub blocked: i64,
+    pub scheduled: i64,
+    /// (minutes ago, 0 = this minute .. 59, completed, failed)
+    pub last_hour: Vec<(i32, i64, i64)>,
+}
+
+pub const STATUSES: [&str; 7] = [
+    "pending",
+    "queued",
+    "processing",
+    "completed",
+    "failed",
+    "cancelled",
+    "escalated",
+];
+
+pub async fn overview(pool: &PgPool) -> anyhow::Result<Overview> {
+    let counts: Vec<(String, i64)> =
+        sqlx::query_as("SELECT status, count(*) FROM tasks GROUP BY status")
+            .fetch_all(pool)
+            .await?;
+    let by_status = STATUSES
+        .iter()
+        .map(|s| {
+            let n = counts.iter().find(|(st, _)| st == s).map_or(0, |(_, n)| *n);
+            (s.to_string(), n)
+        })
+        .collect();
+    let (oldest_queued_s, blocked, scheduled): (Option<f64>, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT EXTRACT(EPOCH FROM now() - min(created_at))::float8
+                   FROM tasks WHERE status = 'queued'),
+                (SELECT count(*) FROM tasks WHERE status = 'pending' AND deps_remaining > 0),
+                (SELECT count(*) FROM tasks WHERE status = 'pending' AND scheduled_for > now())",
+    )
+    .fetch_one(pool)
+    .await?;
+    let parked: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT wait_reason, count(*)
+           FROM tasks
+          WHERE status = 'pending' AND wait_reason IS NOT NULL
+          GROUP BY wait_reason
+          ORDER BY wait_reason",
+    )
+    .fetch_all(pool)
+    .await?;
+    let minutes: Vec<(i32, i64, i64)> = sqlx::query_as(
+        "SELECT floor(EXTRACT(EPOCH FROM now() - completed_at) / 60)::int AS ago,
+                count(*) FILTER (WHERE status = 'completed'),
+                count(*) FILTER (WHERE status = 'failed')
+           FROM tasks
+          WHERE completed_at > now() - interval '1 hour'
+            AND status IN ('completed', 'failed')
+          GROUP BY 1",
+    )
+    .fetch_all(pool)
+    .await?;
+    let last_hour = (0..60)
+        .map(|m| {
+            minutes
+                .iter()
+                .find(|(ago, _, _)| *ago == m)
+                .copied()
+                .unwrap_or((m, 0, 0))
+        })
+        .collect();
+    Ok(Overview {
+        by_status,
+        oldest_queued_s,
+        parked,
+        blocked,
+        scheduled,
+        last_hour,
+    })
+}
+
+/// One workspace's queue and credits.
+#[derive(sqlx::FromRow)]
+pub struct WorkspaceRow {
+    pub slug: String,
+    pub plan: String,
+    pub subscription_status: Option<String>,
+    pub backlog: i64,
+    pub in_flight: i64,
+    pub waiting_credits: i64,
+    pub waiting_dependencies: i64,
+    pub waiting_schedule: i64,
+    pub escalated: i64,
+    pub credits_balance: i32,
+    pub credits_reserved: i32,
+    pub credits_used_this_month: Option<i32>,
+    pub monthly_credit_limit: Option<i32>,
+}
+
+pub async fn workspaces(pool: &PgPool) -> anyhow::Result<Vec<WorkspaceRow>> {
+    Ok(sqlx::query_as(
+        "SELECT w.slug, w.plan, w.subscription_status,
+                COALESCE(q.backlog, 0) AS backlog,
+                COALESCE(q.in_flight, 0) AS in_flight,
+                COALESCE(q.waiting_credits, 0) AS waiting_credits,
+                COALESCE(q.waiting_dependencies, 0) AS waiting_dependencies,
+                COALESCE(q.waiting_schedule, 0) AS waiting_schedule,
+                COALESCE(q.escalated, 0) AS escalated,
+                w.credits_balance, w.credits_reserved, w.credits_used_this_month,
+                w.monthly_credit_limit
+           FROM workspaces w
+           LEFT JOIN (
+                SELECT workspace_id,
+                       count(*) FILTER (WHERE status IN ('pending', 'queued')) AS backlog,
+                       count(*) FILTER (WHERE status = 'processing') AS in_flight,
+                       count(*) FILTER (WHERE status = 'pending' AND wait_reason IS NOT NULL)
+                         AS waiting_credits,
+                       count(*) FILTER (WHERE status = 'pending' AND deps_remaining > 0)
+                         AS waiting_dependencies,
+                       count(*) FILTER (WHERE status = 'pending' AND scheduled_for > now())
+                         AS waiting_schedule,
+                       count(*) FILTER (WHERE status = 'escalated') AS escalated
+                  FROM tasks
+                 WHERE status IN ('pending', 'queued', 'processing', 'escalated')
+                 GROUP BY workspace_id
+           ) q ON q.workspace_id = w.id
+          WHERE w.deleted_at IS NULL
+          ORDER BY COALESCE(q.backlog, 0) + COALESCE(q.in_flight, 0) DESC, w.slug
+          LIMIT 500",
+    )
+    .fetch_all(pool)
+    .await?)
+}
+
+/// The task filter of the task list and of bulk actions (query string or form).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Filter {
+    /// Workspace slug or id.
+    #[serde(default)]
+    pub workspace: String,
+    #[serde(default)]
+    pub status: String,
+    #[serde(default, rename = "type")]
+    pub task_type: String,
+    /// Created at or after (`YYYY-MM-DDTHH:MM`, UTC).
+    #[serde(default)]
+    pub since: String,
+    /// Created before.
+    #[serde(default)]
+    pub until: String,
+}
+
+fn parse_time(s: &str) -> anyhow::Result<Option<DateTime<Utc>>> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Ok(None);
+    }
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(Some(t.with_timezone(&Utc)));
+    }
+    for fmt in ["%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M"] {
+        if let Ok(t) = NaiveDateTime::parse_from_str(s, fmt) {
+            return Ok(Some(t.and_utc()));
+        }
+    }
+    anyhow::bail!("cannot read the time '{s}' (use YYYY-MM-DDTHH:MM, UTC)")
+}
+
+/// The filter's values, checked: an unknown status or workspace is an error the page shows.
+pub struct Bound {
+    pub workspace: Option<Uuid>,
+    pub status: Option<String>,
+    pub task_type: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+}
+
+impl Filter {
+    pub fn is_empty(&self) -> bool {
+        [
+            &self.workspace,
+            &self.status,
+            &self.task_type,
+            &self.since,
+            &self.until,
+        ]
+        .iter()
+        .all(|v| v.trim().is_empty())
+    }
+
+    /// The query string that reproduces this filter.
+    pub fn query(&self) -> String {
+        let mut parts = Vec::new();
+        for (k, v) in [
+            ("workspace", &self.workspace),
+            ("status", &self.status),
+            ("type", &self.task_type),
+            ("since", &self.since),
+            ("until", &self.until),
+        ] {
+            if !v.trim().is_empty() {
+                parts.push(format!("{k}={}", encode(v.trim())));
+            }
+        }
+        parts.join("&")
+    }
+
+    pub async fn bind(&self, pool: &PgPool) -> anyhow::Result<Bound> {
+        let status = Some(self.status.trim().to_string()).filter(|s| !s.is_empty());
+        if let Some(s) = &status
+            && !STATUSES.contains(&s.as_str())
+        {
+            anyhow::bail!("unknown status '{s}'");
+        }
+        let workspace = match self.workspace.trim() {
+            "" => None,
+            w => Some(
+                sqlx::query_scalar::<_, Uuid>(
+                    "SELECT id FROM workspaces WHERE slug = $1 OR id::text = $1 LIMIT 1",
+                )
+                .bind(w)
+                .fetch_optional(pool)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("no workspace '{w}'"))?,
+            ),
+        };
+        Ok(Bound {
+            workspace,
+            status,
+            task_type: Some(self.task_type.trim().to_string()).filter(|s| !s.is_empty()),
+            since: parse_time(&self.since)?,
+            until: parse_time(&self.until)?,
+        })
+    }
+}
+
+/// Percent-encodes a query-string value.
+pub fn encode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+const FILTER_SQL: &str = "($1::uuid IS NULL OR t.workspace_id = $1)
+            AND ($2::text IS NULL OR t.status = $2)
+            AND ($3::text IS NULL OR t.type = $3)
+            AND ($4::timestamptz IS NULL OR t.created_at >= $4)
+            AND ($5::timestamptz IS NULL OR t.created_at < $5)";
+
+/// One line of the task list.
+#[derive(sqlx::FromRow)]
+pub struct TaskLine {
+    pub id: Uuid,
+    pub slug: String,
+    pub task_type: String,
+    pub name: String,
+    pub status: String,
+    pub priority: i32,
+    pub attempt: i32,
+    pub created_at: DateTime<Utc>,
+    pub note: Option<String>,
+}
+
+pub async fn tasks(pool: &PgPool, f: &Bound, limit: i64) -> anyhow::Result<Vec<TaskLine>> {
+    let sql = format!(
+        "SELECT t.id, w.slug, t.type AS task_type, t.name, t.status, t.priority, t.attempt,
+                t.created_at, COALESCE(t.wait_reason, t.error_details ->> 'code') AS note
+           FROM tasks t
+           JOIN workspaces w ON w.id = t.workspace_id
+          WHERE {FILTER_SQL}
+          ORDER BY t.created_at DESC, t.id
+          LIMIT $6"
+    );
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(f.workspace)
+        .bind(&f.status)
+        .bind(&f.task_type)
+        .bind(f.since)
+        .bind(f.until)
+        .bind(limit)
+        .fetch_all(pool)
+        .await?)
+}
+
+/// Ids of the tasks matching the filter whose status is one of `statuses` (at most `cap`).
+pub async fn matching_ids(
+    pool: &PgPool,
+    f: &Bound,
+    statuses: &[&str],
+    cap: i64,
+) -> anyhow::Result<Vec<Uuid>> {
+    let sql = format!(
+        "SELECT t.id
+           FROM tasks t
+          WHERE {FILTER_SQL}
+            AND t.status = ANY($6)
+          ORDER BY t.created_at, t.id
+          LIMIT $7"
+    );
+    let statuses: Vec<String> = statuses.iter().map(|s| s.to_string()).collect();
+    Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .bind(f.workspace)
+        .bind(&f.status)
+        .bind(&f.task_type)
+        .bind(f.since)
+        .bind(f.until)
+        .bind(statuses)
+        .bind(cap)
+        .fetch_all(pool)
+        .await?)
+}
+
+/// One task in full, for its page.
+#[derive(sqlx::FromRow)]
+pub struct TaskDetail {
+    pub id: Uuid,
+    pub workspace_id: Uuid,
+    pub slug: String,
+    pub task_type: String,
+    pub name: String,
+    pub status: String,
+    pub priority: i32,
+    pub attempt: i32,
+    pub max_attempts: Option<i32>,
+    pub locked_by: Option<String>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    pub wait_reason: Option<String>,
+    pub deps_remaining: Option<i32>,
+    pub scheduled_for: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub completed_at: Option<DateTime<Utc>>,
+    pub processing_time_ms: Option<i32>,
+    pub estimated_cost: Option<i32>,
+    pub actual_cost: Option<i32>,
+    pub reserved_credits: i32,
+    pub ai_provider: Option<String>,
+    pub ai_model: Option<String>,
+    pub input: Value,
+    pub output: Option<Value>,
+    pub error_details: Option<Value>,
+    pub cost_breakdown: Option<Value>,
+}
+
+pub async fn task(pool: &PgPool, id: Uuid) -> anyhow::Result<Option<TaskDetail>> {
+    Ok(sqlx::query_as(
+        "SELECT t.id, t.workspace_id, w.slug, t.type AS task_type, t.name, t.status, t.priority,
+                t.attempt, t.max_attempts, t.locked_by, t.lease_expires_at, t.wait_reason,
+                t.deps_remaining, t.scheduled_for, t.created_at, t.started_at, t.completed_at,
+                t.processing_time_ms, t.estimated_cost, t.actual_cost, t.reserved_credits,
+                t.ai_provider, t.ai_model, t.input, t.output, t.error_details, t.cost_breakdown
+           FROM tasks t
+           JOIN workspaces w ON w.id = t.workspace_id
+          WHERE t.id = $1",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await?)
+}
+
+/// A linked task: (id, name, status).
+pub type Link = (Uuid, String, String);
+
+/// What the task waits for, and what waits for it.
+pub async fn relatives(pool: &PgPool, id: Uuid) -> anyhow::Result<(Vec<Link>, Vec<Link>)> {
+    let deps: Vec<Link> = sqlx::query_as(
+        "SELECT d.id, d.name, d.status
+           FROM tasks t
+           JOIN tasks d ON d.id = ANY(t.depends_on)
+          WHERE t.id = $1
+          ORDER BY d.created_at",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await?;
+    // Edges of admitted tasks are in task_dependencies; pending tasks not yet admitted only
+    // name the task in depends_on (same workspace, so the workspace index narrows it).
+    let dependents: Vec<Link> = sqlx::query_as(
+        "SELECT c.id, c.name, c.status
+           FROM tasks c
+          WHERE c.id IN (SELECT task_id FROM task_dependencies WHERE depends_on_id = $1)
+             OR (c.workspace_id = (SELECT workspace_id FROM tasks WHERE id = $1)
+                 AND $1 = ANY(c.depends_on))
+          ORDER BY c.created_at
+          LIMIT 200",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await?;
+    Ok((deps, dependents))
+}
+
+/// Recent admin actions: (at, actor, action, done, target).
+pub async fn admin_events(
+    pool: &PgPool,
+    limit: i64,
+) -> anyhow::Result<Vec<(DateTime<Utc>, String, String, i32, Value)>> {
+    Ok(sqlx::query_as(
+        "SELECT at, actor, action, done, target
+           FROM admin_events
+          ORDER BY at DESC, id DESC
+          LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
