@@ -254,8 +254,12 @@ pub async fn inspect(pool: &PgPool, id: Uuid) -> anyhow::Result<()> {
 }
 
 pub async fn stats(pool: &PgPool) -> anyhow::Result<()> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(queries::STATS_SETTINGS_SQL)
+        .execute(&mut *tx)
+        .await?;
     let rows = sqlx::query(queries::STATS_BY_STATUS_SQL)
-        .fetch_all(pool)
+        .fetch_all(&mut *tx)
         .await?;
     println!("tasks by status:");
     for r in rows {
@@ -266,8 +270,9 @@ pub async fn stats(pool: &PgPool) -> anyhow::Result<()> {
         );
     }
     let row = sqlx::query(queries::STATS_QUEUE_SQL)
-        .fetch_one(pool)
+        .fetch_one(&mut *tx)
         .await?;
+    tx.commit().await?;
     println!(
         "oldest queued task waits: {}",
         row.try_get::<Option<f64>, _>("oldest_queued_s")?

@@ -816,8 +816,15 @@ async fn dashboard_round(pool: &PgPool, schema: Schema, reps: usize) -> anyhow::
             .await?;
         samples[2].push(t.elapsed().as_secs_f64() * 1e3);
         let t = Instant::now();
-        sqlx::query(by_status).fetch_all(pool).await?;
-        sqlx::query(queue).fetch_all(pool).await?;
+        let mut tx = pool.begin().await?;
+        if schema == Schema::Lean {
+            sqlx::query(bizq::queries::STATS_SETTINGS_SQL)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query(by_status).fetch_all(&mut *tx).await?;
+        sqlx::query(queue).fetch_all(&mut *tx).await?;
+        tx.commit().await?;
         samples[3].push(t.elapsed().as_secs_f64() * 1e3);
     }
     Ok(samples.map(|s| median(&s)))

@@ -24,6 +24,12 @@ pub const INSPECT_SQL: &str =
            JOIN workspaces w ON w.id = t.workspace_id
           WHERE t.id = $1";
 
+/// Run before the two `bizq stats` queries, in their transaction. The per-workspace counts of
+/// statuses that (almost) never occur are estimated at thousands of rows each, so the planner
+/// would spend about 90 ms compiling and optimising the plan with JIT for a query that runs in
+/// about 5 ms (measured on a million finished tasks).
+pub const STATS_SETTINGS_SQL: &str = "SET LOCAL jit = off";
+
 /// `bizq stats`, tasks by status (statuses with none are left out). Each count reads an index
 /// that holds what it counts (migration 0012): the statuses other than `completed` as short
 /// ranges of idx_tasks_workspace_status_created, workspace by workspace (every task has one);
