@@ -5,6 +5,7 @@ use bizq::Config;
 use bizq::config::DependencyFailurePolicy;
 use bizq::db::{self, PoolSettings};
 use bizq::lifecycle::{self, NewTask};
+use bizq::queries;
 use clap::Args;
 use serde_json::Value;
 use sqlx::{PgPool, Row};
@@ -144,22 +145,13 @@ pub async fn list(pool: &PgPool, a: ListArgs) -> anyhow::Result<()> {
         Some(w) => Some(workspace_id(pool, w).await?),
         None => None,
     };
-    let rows = sqlx::query(
-        "SELECT id, type, status, priority, attempt, created_at,
-                COALESCE(wait_reason, error_details ->> 'code', '') AS note
-           FROM tasks
-          WHERE ($1::text IS NULL OR status = $1)
-            AND ($2::uuid IS NULL OR workspace_id = $2)
-            AND ($3::text IS NULL OR type = $3)
-          ORDER BY created_at DESC
-          LIMIT $4",
-    )
-    .bind(a.status)
-    .bind(ws)
-    .bind(a.task_type)
-    .bind(a.limit)
-    .fetch_all(pool)
-    .await?;
+    let rows = sqlx::query(queries::LIST_SQL)
+        .bind(a.status)
+        .bind(ws)
+        .bind(a.task_type)
+        .bind(a.limit)
+        .fetch_all(pool)
+        .await?;
     println!(
         "{:<36}  {:<16} {:<10} {:>3} {:>3}  {:<19}  note",
         "id", "type", "status", "pri", "att", "created"
@@ -181,21 +173,11 @@ pub async fn list(pool: &PgPool, a: ListArgs) -> anyhow::Result<()> {
 }
 
 pub async fn inspect(pool: &PgPool, id: Uuid) -> anyhow::Result<()> {
-    let row = sqlx::query(
-        "SELECT t.id, t.workspace_id, w.slug, t.type, t.name, t.status, t.priority, t.attempt,
-                t.max_attempts, t.worker_type, t.locked_by, t.lease_expires_at, t.wait_reason,
-                t.depends_on, t.deps_remaining, t.scheduled_for, t.created_at, t.started_at,
-                t.completed_at, t.processing_time_ms, t.estimated_cost, t.actual_cost,
-                t.reserved_credits, t.ai_provider, t.ai_model, t.input, t.output,
-                t.error_details, t.cost_breakdown
-           FROM tasks t
-           JOIN workspaces w ON w.id = t.workspace_id
-          WHERE t.id = $1",
-    )
-    .bind(id)
-    .fetch_optional(pool)
-    .await?
-    .with_context(|| format!("task {id} not found"))?;
+    let row = sqlx::query(queries::INSPECT_SQL)
+        .bind(id)
+        .fetch_optional(pool)
+        .await?
+        .with_context(|| format!("task {id} not found"))?;
     fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
         v.map_or("-".into(), |v| v.to_string())
     }
@@ -316,10 +298,13 @@ pub async fn cancel(pool: &PgPool, config: &Config, id: Uuid, reason: &str) -> a
 }
 
 pub async fn stats(pool: &PgPool) -> anyhow::Result<()> {
-    let rows =
-        sqlx::query("SELECT status, count(*) AS n FROM tasks GROUP BY status ORDER BY status")
-            .fetch_all(pool)
-            .await?;
+    let mut tx = pool.begin().await?;
+    sqlx::query(queries::STATS_SETTINGS_SQL)
+        .execute(&mut *tx)
+        .await?;
+    let rows = sqlx::query(queries::STATS_BY_STATUS_SQL)
+        .fetch_all(&mut *tx)
+        .await?;
     println!("tasks by status:");
     for r in rows {
         println!(
@@ -328,14 +313,10 @@ pub async fn stats(pool: &PgPool) -> anyhow::Result<()> {
             r.try_get::<i64, _>("n")?
         );
     }
-    let row = sqlx::query(
-        "SELECT (SELECT EXTRACT(EPOCH FROM now() - min(created_at))::float8 FROM tasks WHERE status = 'queued') AS oldest_queued_s,
-                (SELECT count(*) FROM tasks WHERE status = 'completed' AND completed_at > now() - interval '1 minute') AS done_1m,
-                (SELECT count(*) FROM tasks WHERE status = 'pending' AND wait_reason IS NOT NULL) AS parked,
-                (SELECT count(*) FROM tasks WHERE status = 'pending' AND deps_remaining > 0) AS blocked",
-    )
-    .fetch_one(pool)
-    .await?;
+    let row = sqlx::query(queries::STATS_QUEUE_SQL)
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.commit().await?;
     println!(
         "oldest queued task waits: {}",
         row.try_get::<Option<f64>, _>("oldest_queued_s")?

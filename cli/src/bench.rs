@@ -1,19 +1,22 @@
 //! `bizq bench`: the figures quoted in the README, measured in one run so they compare as
 //! ratios on a noisy machine.
 //!
-//! 1. End to end: N tasks inserted as `pending`, the clock runs until the last is `completed`
+//! 1. End to end: N tasks inserted (queued by the insert itself), the clock runs until the last is `completed`
 //!    (mock provider at 0 ms), with 1, 2 and 4 worker processes and one scheduler. Rounds of
 //!    these alternate with the raw-SQL run (4.) and each figure is a median.
 //! 2. Pickup latency on an idle fleet: single inserts, `started_at - created_at`.
 //! 3. Claim throughput of the claim statement alone: a near-empty queue, one with 1,000,000
 //!    queued tasks, and one with 100,000 tasks blocked on an unfinished dependency; rounds
 //!    interleave across the three and each figure is a median.
-//! 4. The same lifecycle as raw SQL through `pgbench` on the same schema (admit, the engine's
-//!    own claim statement, complete with the same output and cost breakdown the mock provider
-//!    returns), for the ratio engine / raw SQL.
-//! 5. The floor: a task's four writes as four bulk statements on one connection, with and
-//!    without the seed's general-purpose `tasks` indexes. Microseconds per task per write, and
-//!    the ceiling they put on any fleet on this machine's cores.
+//! 4. The same lifecycle as raw SQL through `pgbench` on the same schema (tasks queued by
+//!    their insert, the engine's own claim statement, complete with the same output and cost
+//!    breakdown the mock provider returns), for the ratio engine / raw SQL.
+//! 5. The floor: a task's writes as bulk statements on one connection, on the schema before
+//!    0012 (four writes, 24 indexes) and on the lean one (three writes, 12 indexes).
+//!    Microseconds per task per write, and the ceiling they put on any fleet on this
+//!    machine's cores.
+//! 6. Dashboards: `workspace_dashboard`, `task_performance`, `bizq list -w … -s failed` and
+//!    `bizq stats` on a million finished tasks, before 0012 and after.
 //!
 //! Each scenario runs in fresh databases named `bizq_bench*` beside the one `DATABASE_URL`
 //! names.
@@ -62,15 +65,18 @@ pub struct BenchArgs {
     /// Rounds of the "floor" scenario; the median of each phase is printed.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     floor_rounds: u32,
+    /// Finished tasks (over 100 workspaces) in the "dashboard" scenario.
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(i64).range(1..))]
+    dashboard_tasks: i64,
     /// pgbench clients (each one claims and completes in a loop, like a worker).
     #[arg(long, default_value_t = 4)]
     pgbench_clients: usize,
-    /// Scenarios to run, comma separated: e2e, latency, claim, pgbench, floor.
+    /// Scenarios to run, comma separated: e2e, latency, claim, pgbench, floor, dashboard.
     #[arg(
         long,
         value_delimiter = ',',
-        value_parser = ["e2e", "latency", "claim", "pgbench", "floor"],
-        default_value = "e2e,latency,claim,pgbench,floor"
+        value_parser = ["e2e", "latency", "claim", "pgbench", "floor", "dashboard"],
+        default_value = "e2e,latency,claim,pgbench,floor,dashboard"
     )]
     only: Vec<String>,
     /// Print the pgbench script (the raw-SQL lifecycle) and exit.
@@ -110,6 +116,23 @@ async fn admin_pool(base: &PgConnectOptions) -> anyhow::Result<PgPool> {
 
 /// Creates (or recreates) the database `name` beside `url`'s and returns its URL and a pool.
 async fn fresh_db_named(url: &str, name: &str) -> anyhow::Result<(String, PgPool)> {
+    fresh_db_with(url, name, Schema::Lean).await
+}
+
+/// Which schema a bench database gets: every migration, or all but the lean-tasks one (0012),
+/// which is the schema as it was before it (the seed's indexes, every insert `pending`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Schema {
+    Seed,
+    Lean,
+}
+
+/// The migration that made tasks lean (indexes, queue on insert, `updated_at`).
+const LEAN_MIGRATION: i64 = 12;
+
+/// Creates (or recreates) the database `name` beside `url`'s with `schema` and returns its
+/// URL and a pool.
+async fn fresh_db_with(url: &str, name: &str, schema: Schema) -> anyhow::Result<(String, PgPool)> {
     let base: PgConnectOptions = url.parse().context("parsing DATABASE_URL")?;
     let admin = admin_pool(&base).await?;
     drop_db(&admin, name).await?;
@@ -127,7 +150,13 @@ async fn fresh_db_named(url: &str, name: &str) -> anyhow::Result<(String, PgPool
         .max_connections(8)
         .connect_with(opts)
         .await?;
-    bizq::db::migrate(&pool).await?;
+    match schema {
+        Schema::Lean => bizq::db::migrate(&pool).await?,
+        Schema::Seed => bizq::db::MIGRATOR
+            .run_to(LEAN_MIGRATION - 1, &pool)
+            .await
+            .context("migrating to the schema before 0012")?,
+    }
     Ok((bench_url, pool))
 }
 
@@ -192,6 +221,13 @@ async fn workspaces(pool: &PgPool) -> anyhow::Result<()> {
     )
     .execute(pool)
     .await?;
+    Ok(())
+}
+
+/// Registers the worker's types, as every worker does at start-up, so that inserts of them are
+/// queued by the INSERT itself (lean schema only).
+async fn register_types(pool: &PgPool) -> anyhow::Result<()> {
+    bizq::task_types::register(pool, None, "bench", false).await?;
     Ok(())
 }
 
@@ -485,29 +521,6 @@ async fn claim_throughput(url: &str, args: &BenchArgs) -> anyhow::Result<(f64, f
     Ok((median(&r_empty), median(&r_deep), median(&r_blocked)))
 }
 
-/// The seed's general-purpose indexes on `tasks` (migration 0003). The floor scenario drops
-/// them in its second variant to show what they cost; the queue's own indexes (0006) and the
-/// constraint indexes stay.
-const SEED_TASK_INDEXES: [&str; 17] = [
-    "idx_tasks_workspace_id",
-    "idx_tasks_status",
-    "idx_tasks_type",
-    "idx_tasks_category",
-    "idx_tasks_created_by",
-    "idx_tasks_assigned_to",
-    "idx_tasks_scheduled_for",
-    "idx_tasks_parent_task_id",
-    "idx_tasks_workflow_id",
-    "idx_tasks_priority_status",
-    "idx_tasks_created_at",
-    "idx_tasks_workspace_status",
-    "idx_tasks_pending",
-    "idx_tasks_workspace_completed_at",
-    "idx_tasks_input_gin",
-    "idx_tasks_output_gin",
-    "idx_tasks_context_gin",
-];
-
 /// Completes the `processing` tasks that `and_filter` (an SQL `AND …`, or empty) selects,
 /// writing what the engine writes for them: the mock provider's output and cost breakdown for
 /// each row's own prompt, the same shape and size, so raw SQL and the floor write (and index)
@@ -533,18 +546,22 @@ fn complete_like_the_mock(and_filter: &str) -> String {
          ai_model = 'mock-1',
          completed_at = now(),
          lease_token = NULL,
-         lease_expires_at = NULL
+         lease_expires_at = NULL,
+         updated_at = now()
           WHERE status = 'processing' {and_filter}"
     )
 }
 
-/// The floor's first two updates (admit, claim with its reservation), each one bulk statement
+/// The floor's admission (the seed schema's second write; the lean schema queues on insert,
+/// so there it finds nothing) and its claim with the reservation, each one bulk statement
 /// over every task; the insert before them is `insert_tasks`, as in the other scenarios, and
-/// the completion after them is `complete_like_the_mock`.
+/// the completion after them is `complete_like_the_mock`. Both set `updated_at` as the
+/// engine's statements do.
 const FLOOR_UPDATES: [&str; 2] = [
     "UPDATE tasks
             SET status = 'queued',
-                deps_remaining = 0
+                deps_remaining = 0,
+                updated_at = now()
           WHERE status = 'pending'",
     "WITH claimed AS (
              UPDATE tasks
@@ -554,7 +571,8 @@ const FLOOR_UPDATES: [&str; 2] = [
                     lease_token = gen_random_uuid(),
                     lease_expires_at = now() + interval '10 minutes',
                     locked_by = 'floor',
-                    reserved_credits = 1
+                    reserved_credits = 1,
+                    updated_at = now()
               WHERE status = 'queued'
              RETURNING workspace_id
          )
@@ -564,19 +582,15 @@ const FLOOR_UPDATES: [&str; 2] = [
           WHERE w.id = c.workspace_id",
 ];
 
-/// The four writes of a task's life as four bulk statements (insert, admit, claim with its
-/// reservation, complete with the credit triggers), timed one by one on one connection.
-/// Microseconds per task for each, in that order.
-async fn floor_round(url: &str, n: i64, seed_indexes: bool) -> anyhow::Result<[f64; 4]> {
-    let (_, pool) = fresh_db(url).await?;
+/// A task's writes as bulk statements (insert, admit, claim with its reservation, complete
+/// with the credit triggers), timed one by one on one connection, on `schema`. Microseconds
+/// per task for each, in that order; on the lean schema the insert queues the tasks itself
+/// (the worker's types are registered first, as a worker does) and admit finds nothing.
+async fn floor_round(url: &str, n: i64, schema: Schema) -> anyhow::Result<[f64; 4]> {
+    let (_, pool) = fresh_db_with(url, "bizq_bench", schema).await?;
     workspaces(&pool).await?;
-    if !seed_indexes {
-        for name in SEED_TASK_INDEXES {
-            // Constants of this file, not input.
-            sqlx::query(sqlx::AssertSqlSafe(format!("DROP INDEX {name}")))
-                .execute(&pool)
-                .await?;
-        }
+    if schema == Schema::Lean {
+        register_types(&pool).await?;
     }
     sqlx::query("CHECKPOINT").execute(&pool).await?;
     let mut conn = pool.acquire().await?;
@@ -593,10 +607,11 @@ async fn floor_round(url: &str, n: i64, seed_indexes: bool) -> anyhow::Result<[f
     ];
     for (phase, sql) in phases[1..].iter_mut().zip(updates) {
         let t = Instant::now();
-        sqlx::query(sqlx::AssertSqlSafe(sql))
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .execute(&mut *conn)
-            .await?;
-        *phase = per_task(t);
+            .await?
+            .rows_affected();
+        *phase = if rows == 0 { f64::NAN } else { per_task(t) };
     }
 
     let done: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE status = 'completed'")
@@ -615,17 +630,18 @@ async fn floor(url: &str, args: &BenchArgs) -> anyhow::Result<[[f64; 4]; 2]> {
     let mut samples: [Vec<[f64; 4]>; 2] = [Vec::new(), Vec::new()];
     for round in 1..=args.floor_rounds {
         eprintln!("  round {round}/{} ...", args.floor_rounds);
-        for (i, seed_indexes) in [true, false].into_iter().enumerate() {
-            samples[i].push(floor_round(url, args.floor_tasks, seed_indexes).await?);
+        for (i, schema) in [Schema::Seed, Schema::Lean].into_iter().enumerate() {
+            samples[i].push(floor_round(url, args.floor_tasks, schema).await?);
         }
     }
     let phase = |i: usize, p: usize| median(&samples[i].iter().map(|s| s[p]).collect::<Vec<_>>());
     Ok([0, 1].map(|i| [0, 1, 2, 3].map(|p| phase(i, p))))
 }
 
-/// The engine's lifecycle as raw SQL in a pgbench script: admit a batch, claim with the
-/// engine's own statement, complete what was claimed (task rows locked in id order first, as
-/// the engine does; the billing triggers lock the workspace rows).
+/// The engine's lifecycle as raw SQL in a pgbench script: the tasks were queued by their
+/// own INSERT (lean schema), so a client claims with the engine's own statement and completes
+/// what it claimed (task rows locked in id order first, as the engine does; the billing
+/// triggers lock the workspace rows). Three writes per task, as in the engine.
 fn pgbench_script(batch: i64) -> String {
     let claim = CLAIM_SQL
         .replace("$1", "'pgbench-' || :client_id")
@@ -635,12 +651,7 @@ fn pgbench_script(batch: i64) -> String {
         .replace("$5::boolean", "false");
     let one_line = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
     format!(
-        "{admit};\n{claim};\nBEGIN;\n{lock_tasks};\n{complete};\nCOMMIT;\n",
-        admit = one_line(&format!(
-            "WITH due AS (SELECT id FROM tasks WHERE status = 'pending' AND deps_remaining IS NULL
-               ORDER BY created_at LIMIT {batch} FOR UPDATE SKIP LOCKED)
-             UPDATE tasks t SET status = 'queued', deps_remaining = 0 FROM due WHERE t.id = due.id"
-        )),
+        "{claim};\nBEGIN;\n{lock_tasks};\n{complete};\nCOMMIT;\n",
         claim = one_line(&claim),
         lock_tasks = one_line(
             "SELECT id FROM tasks WHERE status = 'processing' AND locked_by = 'pgbench-' || :client_id
@@ -655,7 +666,12 @@ fn pgbench_script(batch: i64) -> String {
 async fn raw_sql(url: &str, args: &BenchArgs, dir: &Path) -> anyhow::Result<f64> {
     let (bench_url, pool) = fresh_db(url).await?;
     workspaces(&pool).await?;
+    register_types(&pool).await?;
     insert_tasks(&pool, args.tasks, "pending", None).await?;
+    let queued = count(&pool, "queued").await?;
+    if queued != args.tasks {
+        bail!("the inserts queued {queued} of {} tasks", args.tasks);
+    }
     let batch = 256i64;
     let script = dir.join("lifecycle.sql");
     std::fs::write(&script, pgbench_script(batch))?;
@@ -728,6 +744,161 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The two dashboard databases: the schema before 0012 and the lean one, same rows.
+const DASHBOARD_DBS: [&str; 2] = ["bizq_bench_dash_seed", "bizq_bench_dash_lean"];
+
+/// `bizq stats` as shipped before 0012 (the lean schema's are in `bizq::queries`).
+const STATS_BY_STATUS_BEFORE: &str =
+    "SELECT status, count(*) AS n FROM tasks GROUP BY status ORDER BY status";
+const STATS_QUEUE_BEFORE: &str = "SELECT (SELECT EXTRACT(EPOCH FROM now() - min(created_at))::float8 FROM tasks WHERE status = 'queued') AS oldest_queued_s,
+                (SELECT count(*) FROM tasks WHERE status = 'completed' AND completed_at > now() - interval '1 minute') AS done_1m,
+                (SELECT count(*) FROM tasks WHERE status = 'pending' AND wait_reason IS NOT NULL) AS parked,
+                (SELECT count(*) FROM tasks WHERE status = 'pending' AND deps_remaining > 0) AS blocked";
+
+/// The dashboard queries, as a tenant's dashboard and an operator run them.
+const DASHBOARD_QUERIES: [&str; 4] = [
+    "workspace_dashboard, one workspace",
+    "task_performance, one workspace",
+    "bizq list -w <workspace> -s failed",
+    "bizq stats (both queries)",
+];
+
+/// `n` finished tasks over 100 workspaces (1 in 53 failed, the rest completed with the mock's
+/// kind of output), created and completed over the last 30 days, then vacuumed and analyzed as
+/// autovacuum would leave them.
+async fn finished_tasks(pool: &PgPool, n: i64) -> anyhow::Result<()> {
+    sqlx::query(
+        "INSERT INTO workspaces (name, slug, credits_balance, monthly_credit_limit)
+         SELECT 'dash ' || g, 'dash-' || lpad(g::text, 3, '0'), 1000000000, 2000000000
+           FROM generate_series(1, 100) g",
+    )
+    .execute(pool)
+    .await?;
+    let mut done = 0;
+    while done < n {
+        let chunk = (n - done).min(100_000);
+        sqlx::query(
+            "INSERT INTO tasks (workspace_id, type, category, name, input, priority, status,
+                                deps_remaining, output, actual_cost, cost_breakdown,
+                                processing_time_ms, ai_provider, ai_model, attempt, error_details,
+                                created_at, started_at, completed_at)
+             SELECT w.ids[1 + g % 100],
+                    CASE WHEN g % 3 = 0 THEN 'ai.summarize' ELSE 'ai.generate' END, 'content', 'dash',
+                    jsonb_build_object('prompt', 'dash prompt ' || g), 1 + g % 10,
+                    CASE WHEN g % 53 = 0 THEN 'failed' ELSE 'completed' END, 0,
+                    CASE WHEN g % 53 <> 0 THEN jsonb_build_object(
+                        'text', '[mock:' || lpad(to_hex(hashtext('p' || g)), 8, '0')
+                                || '] A considered answer to \"dash prompt ' || g || '\".',
+                        'usage', jsonb_build_object('prompt_tokens', 4, 'completion_tokens', 18,
+                                                    'total_tokens', 22)) END,
+                    CASE WHEN g % 53 <> 0 THEN 1 END,
+                    CASE WHEN g % 53 <> 0 THEN jsonb_build_object('provider', 'mock', 'model', 'mock-1', 'credits', 1) END,
+                    5 + g % 40, 'mock', 'mock-1', 1,
+                    CASE WHEN g % 53 = 0 THEN jsonb_build_object('message', 'provider error', 'code', 'provider_error', 'attempt', 1) END,
+                    now() - (g % 43200) * interval '1 minute' - interval '2 seconds',
+                    now() - (g % 43200) * interval '1 minute' - interval '1 second',
+                    now() - (g % 43200) * interval '1 minute'
+               FROM generate_series($1 + 1, $1 + $2) g,
+                    (SELECT array_agg(id ORDER BY slug) AS ids FROM workspaces) w",
+        )
+        .bind(done)
+        .bind(chunk)
+        .execute(pool)
+        .await?;
+        done += chunk;
+    }
+    sqlx::query("VACUUM ANALYZE tasks").execute(pool).await?;
+    Ok(())
+}
+
+/// Runs each dashboard query `reps` times (a different workspace each time) and returns the
+/// median milliseconds of each.
+async fn dashboard_round(pool: &PgPool, schema: Schema, reps: usize) -> anyhow::Result<[f64; 4]> {
+    let workspaces: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT id FROM workspaces ORDER BY slug")
+        .fetch_all(pool)
+        .await?;
+    let (by_status, queue) = match schema {
+        Schema::Seed => (STATS_BY_STATUS_BEFORE, STATS_QUEUE_BEFORE),
+        Schema::Lean => (
+            bizq::queries::STATS_BY_STATUS_SQL,
+            bizq::queries::STATS_QUEUE_SQL,
+        ),
+    };
+    let mut samples: [Vec<f64>; 4] = Default::default();
+    for r in 0..reps {
+        let ws = workspaces[(r * 37) % workspaces.len()];
+        let t = Instant::now();
+        sqlx::query(
+            "SELECT workspace_id, pending_tasks, processing_tasks, tasks_completed_today,
+                    revenue_30d, orders_today, total_products, active_products
+               FROM workspace_dashboard
+              WHERE workspace_id = $1",
+        )
+        .bind(ws)
+        .fetch_all(pool)
+        .await?;
+        samples[0].push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        sqlx::query(
+            "SELECT workspace_id, task_type, total_executions, avg_processing_time, avg_cost,
+                    avg_quality_score, success_rate, date
+               FROM task_performance
+              WHERE workspace_id = $1",
+        )
+        .bind(ws)
+        .fetch_all(pool)
+        .await?;
+        samples[1].push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        sqlx::query(bizq::queries::LIST_SQL)
+            .bind("failed")
+            .bind(ws)
+            .bind(None::<String>)
+            .bind(20i64)
+            .fetch_all(pool)
+            .await?;
+        samples[2].push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        let mut tx = pool.begin().await?;
+        if schema == Schema::Lean {
+            sqlx::query(bizq::queries::STATS_SETTINGS_SQL)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query(by_status).fetch_all(&mut *tx).await?;
+        sqlx::query(queue).fetch_all(&mut *tx).await?;
+        tx.commit().await?;
+        samples[3].push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(samples.map(|s| median(&s)))
+}
+
+/// The dashboard queries on `n` finished tasks over 100 workspaces, the schema before 0012
+/// against the lean one, rounds alternating; milliseconds, median over rounds of each round's
+/// median.
+async fn dashboards(url: &str, n: i64, rounds: u32) -> anyhow::Result<[[f64; 4]; 2]> {
+    let mut pools = Vec::new();
+    for (name, schema) in DASHBOARD_DBS.iter().zip([Schema::Seed, Schema::Lean]) {
+        let (_, pool) = fresh_db_with(url, name, schema).await?;
+        eprintln!("  {name}: inserting {n} finished tasks ...");
+        finished_tasks(&pool, n).await?;
+        pools.push((pool, schema));
+    }
+    let mut rounds_ms: [Vec<[f64; 4]>; 2] = [Vec::new(), Vec::new()];
+    for round in 1..=rounds {
+        eprintln!("  round {round}/{rounds} ...");
+        for (i, (pool, schema)) in pools.iter().enumerate() {
+            rounds_ms[i].push(dashboard_round(pool, *schema, 15).await?);
+        }
+    }
+    for (pool, _) in pools {
+        pool.close().await;
+    }
+    drop_dbs(url, &DASHBOARD_DBS).await?;
+    let q = |i: usize, k: usize| median(&rounds_ms[i].iter().map(|r| r[k]).collect::<Vec<_>>());
+    Ok([0, 1].map(|i| [0, 1, 2, 3].map(|k| q(i, k))))
+}
+
 /// The pgbench script, when `--print-pgbench-script` asks for it instead of a run.
 pub fn requested_script(args: &BenchArgs) -> Option<String> {
     args.print_pgbench_script.then(|| pgbench_script(256))
@@ -787,7 +958,7 @@ pub async fn run(url: &str, args: BenchArgs) -> anyhow::Result<()> {
     if run_raw {
         let raw_median = median(&raw);
         println!(
-            "raw SQL (pgbench, {} clients: admit + claim + complete)  {:>9.0} tasks/s  (median of {}: {})",
+            "raw SQL (pgbench, {} clients: insert queued + claim + complete)  {:>9.0} tasks/s  (median of {}: {})",
             args.pgbench_clients,
             raw_median,
             raw.len(),
@@ -838,14 +1009,14 @@ pub async fn run(url: &str, args: BenchArgs) -> anyhow::Result<()> {
 
     if run("floor") {
         eprintln!("floor: the lifecycle as bulk statements ...");
-        let [full, lean] = floor(url, &args).await?;
+        let [seed, lean] = floor(url, &args).await?;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         println!(
-            "floor: a task's 4 writes as 4 bulk statements of {} rows, 1 backend, no client work, median of {} rounds:",
+            "floor: a task's writes as bulk statements of {} rows, 1 backend, no client work, median of {} rounds:",
             args.floor_tasks, args.floor_rounds
         );
         println!(
-            "  {:<34} {:>7} {:>7} {:>7} {:>9} {:>8}  {:>11}  {:>14}",
+            "  {:<44} {:>7} {:>7} {:>7} {:>9} {:>8}  {:>11}  {:>14}",
             "us per task",
             "insert",
             "admit",
@@ -855,17 +1026,24 @@ pub async fn run(url: &str, args: BenchArgs) -> anyhow::Result<()> {
             "1 backend",
             "bound, cores"
         );
+        let cell = |x: f64| {
+            if x.is_finite() {
+                format!("{x:.1}")
+            } else {
+                "-".into()
+            }
+        };
         for (label, p) in [
-            ("full schema (24 indexes on tasks)", full),
-            ("without the seed's 17 (7 left)", lean),
+            ("seed schema (before 0012: 24 indexes, 4 writes)", seed),
+            ("lean schema (0012: 12 indexes, 3 writes)", lean),
         ] {
-            let total: f64 = p.iter().sum();
+            let total: f64 = p.iter().filter(|x| x.is_finite()).sum();
             println!(
-                "  {label:<34} {:>7.1} {:>7.1} {:>7.1} {:>9.1} {total:>8.1}  {:>7.0} /s  {:>7.0} /s x{cores}",
-                p[0],
-                p[1],
-                p[2],
-                p[3],
+                "  {label:<44} {:>7} {:>7} {:>7} {:>9} {total:>8.1}  {:>7.0} /s  {:>7.0} /s x{cores}",
+                cell(p[0]),
+                cell(p[1]),
+                cell(p[2]),
+                cell(p[3]),
                 1e6 / total,
                 1e6 / total * cores as f64
             );
@@ -873,6 +1051,26 @@ pub async fn run(url: &str, args: BenchArgs) -> anyhow::Result<()> {
         println!(
             "  (bound: an optimistic ceiling, every core running PostgreSQL flat out with no lock or WAL contention and no worker or client CPU)"
         );
+    }
+    if run("dashboard") {
+        eprintln!("dashboard queries ...");
+        let [seed, lean] = dashboards(url, args.dashboard_tasks, args.rounds).await?;
+        println!(
+            "dashboard queries on {} finished tasks over 100 workspaces, ms, median of {} alternating rounds of 15 runs:",
+            args.dashboard_tasks, args.rounds
+        );
+        println!(
+            "  {:<36} {:>14} {:>12} {:>8}",
+            "query", "before 0012", "lean (0012)", "ratio"
+        );
+        for (k, name) in DASHBOARD_QUERIES.iter().enumerate() {
+            println!(
+                "  {name:<36} {:>14.2} {:>12.2} {:>8.2}",
+                seed[k],
+                lean[k],
+                lean[k] / seed[k]
+            );
+        }
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())

@@ -1,8 +1,8 @@
 //! Every status change of a task, each one named function with its SQL beside it.
 //!
 //! ```text
-//!            insert (product code, `enqueue`)
-//!                 │
+//!            insert (product code, `enqueue`) ──► queued  (no dependency, due now, a type a
+//!                 │                  worker registered, affordable: the INSERT's own trigger)
 //!              pending ──admit──► failed      (unknown type, missing/foreign dependency, cycle)
 //!                 │      admit──► escalated   (human task, estimated cost over the workspace's max)
 //!                 │      admit──► cancelled   (a dependency already failed or was cancelled)
@@ -22,6 +22,8 @@
 //! ```
 //!
 //! Invariants kept here and in migration 0006:
+//! - The engine's statements set `updated_at = now()` themselves, so the row trigger that
+//!   maintains it for clients skips them (migration 0012).
 //! - Every worker write is fenced on `lease_token` and `status = 'processing'`: a worker that
 //!   lost its lease cannot complete, fail or release the task; its late result is dropped.
 //! - Credits are reserved at claim (`workspaces.credits_reserved`) and released by trigger when
@@ -90,7 +92,8 @@ impl NewTask {
     }
 }
 
-/// Inserts a task as `pending`, exactly as product code would with plain SQL.
+/// Inserts a task exactly as product code would with plain SQL. The row is `queued` by its
+/// own INSERT when it needs no scheduler decision (migration 0012), else `pending`.
 pub async fn enqueue(pool: &PgPool, task: &NewTask) -> Result<Uuid> {
     let id: Uuid = sqlx::query_scalar(
         "INSERT INTO tasks (workspace_id, type, category, name, input, priority, depends_on,
@@ -144,6 +147,22 @@ enum Verdict {
     /// A dependency already failed or was cancelled.
     DependencyFailed(Value),
 }
+
+/// Admission's batch of new `pending` tasks, oldest first (`$1` most rows), with the
+/// workspace's `max_task_cost`. Public so the index tests EXPLAIN the very SQL.
+pub const ADMIT_SELECT_SQL: &str =
+    "SELECT t.id, t.workspace_id, t.type, t.worker_type, t.estimated_cost, t.depends_on,
+                t.input, t.ai_provider, t.ai_model, w.ai_preferences,
+                CASE WHEN jsonb_typeof(w.ai_preferences -> 'max_task_cost') = 'number'
+                     THEN (w.ai_preferences ->> 'max_task_cost')::float8 END AS max_task_cost
+           FROM tasks t
+           JOIN workspaces w ON w.id = t.workspace_id
+          WHERE t.status = 'pending'
+            AND t.deps_remaining IS NULL
+            AND ($2::uuid IS NULL OR t.id = $2)
+          ORDER BY t.created_at
+          LIMIT $1
+            FOR NO KEY UPDATE OF t SKIP LOCKED";
 
 /// **Admit** (scheduler): checks new `pending` tasks once — type known, dependencies exist in
 /// the same workspace and form no cycle, escalation rules — and records how many unfinished
@@ -280,24 +299,11 @@ async fn admit_batch(
     providers: Option<&crate::providers::Providers>,
 ) -> Result<AdmitReport> {
     let mut tx = pool.begin().await?;
-    let rows = sqlx::query(
-        "SELECT t.id, t.workspace_id, t.type, t.worker_type, t.estimated_cost, t.depends_on,
-                t.input, t.ai_provider, t.ai_model, w.ai_preferences,
-                CASE WHEN jsonb_typeof(w.ai_preferences -> 'max_task_cost') = 'number'
-                     THEN (w.ai_preferences ->> 'max_task_cost')::float8 END AS max_task_cost
-           FROM tasks t
-           JOIN workspaces w ON w.id = t.workspace_id
-          WHERE t.status = 'pending'
-            AND t.deps_remaining IS NULL
-            AND ($2::uuid IS NULL OR t.id = $2)
-          ORDER BY t.created_at
-          LIMIT $1
-            FOR NO KEY UPDATE OF t SKIP LOCKED",
-    )
-    .bind(batch)
-    .bind(only)
-    .fetch_all(&mut *tx)
-    .await?;
+    let rows = sqlx::query(ADMIT_SELECT_SQL)
+        .bind(batch)
+        .bind(only)
+        .fetch_all(&mut *tx)
+        .await?;
     if rows.is_empty() {
         return Ok(AdmitReport::default());
     }
@@ -373,7 +379,8 @@ async fn admit_batch(
     if !all_deps.is_empty() {
         let locked = sqlx::query(
             "UPDATE tasks t
-                SET has_dependents = TRUE
+                SET has_dependents = TRUE,
+                    updated_at = now()
               WHERE t.id IN (SELECT id FROM tasks WHERE id = ANY($1) FOR NO KEY UPDATE SKIP LOCKED)
              RETURNING t.id, t.status, t.workspace_id, t.dependents_count",
         )
@@ -630,7 +637,8 @@ async fn admit_batch(
                              END,
                     error_details = COALESCE(v.details, t.error_details),
                     estimated_cost = COALESCE(t.estimated_cost, v.estimate),
-                    completed_at = CASE WHEN v.kind IN ('failed', 'cancelled') THEN now() ELSE t.completed_at END
+                    completed_at = CASE WHEN v.kind IN ('failed', 'cancelled') THEN now() ELSE t.completed_at END,
+                    updated_at = now()
                FROM verdict v
               WHERE t.id = v.id
              RETURNING t.status
@@ -673,13 +681,9 @@ async fn notify(conn: &mut sqlx::PgConnection, channel: &'static str) -> Result<
     Ok(())
 }
 
-/// **Promote** (scheduler): admitted `pending` tasks that are due, whose dependencies all
-/// completed and that are not parked become `queued`. `FOR NO KEY UPDATE SKIP LOCKED` lets several
-/// schedulers promote side by side; the range scan on the due time stops at `now()`, so tasks
-/// scheduled for later cost nothing.
-pub async fn promote(pool: &PgPool, batch: i64) -> Result<u64> {
-    let promoted: i64 = sqlx::query_scalar(
-        "WITH due AS (
+/// Promotion (`$1` most rows): due, ready, unparked `pending` tasks become `queued`. Public so
+/// the index tests EXPLAIN the very SQL.
+pub const PROMOTE_SQL: &str = "WITH due AS (
              SELECT id
                FROM tasks
               WHERE status = 'pending'
@@ -692,29 +696,34 @@ pub async fn promote(pool: &PgPool, batch: i64) -> Result<u64> {
          ),
          promoted AS (
              UPDATE tasks t
-                SET status = 'queued'
+                SET status = 'queued',
+                    updated_at = now()
                FROM due
               WHERE t.id = due.id
              RETURNING t.id
          )
-         SELECT count(*) FROM promoted",
-    )
-    .bind(batch)
-    .fetch_one(pool)
-    .await?;
+         SELECT count(*) FROM promoted";
+
+/// **Promote** (scheduler): admitted `pending` tasks that are due, whose dependencies all
+/// completed and that are not parked become `queued`. `FOR NO KEY UPDATE SKIP LOCKED` lets several
+/// schedulers promote side by side; the range scan on the due time stops at `now()`, so tasks
+/// scheduled for later cost nothing.
+pub async fn promote(pool: &PgPool, batch: i64) -> Result<u64> {
+    let promoted: i64 = sqlx::query_scalar(PROMOTE_SQL)
+        .bind(batch)
+        .fetch_one(pool)
+        .await?;
     if promoted > 0 {
         notify(&mut *pool.acquire().await?, CHANNEL_QUEUED).await?;
     }
     Ok(promoted as u64)
 }
 
-/// **Unpark** (scheduler): tasks parked because their workspace could not pay, was not in
-/// good standing, or was locked by someone else at claim time (`workspace_busy`), become
-/// promotable again once it can pay for them. Provider waits are [`unpark_providers`]'.
-pub async fn unpark(pool: &PgPool) -> Result<u64> {
-    let done = sqlx::query(
-        "UPDATE tasks t
-            SET wait_reason = NULL
+/// Unparking: parked tasks whose workspace can pay again. Public so the index tests EXPLAIN
+/// the very SQL.
+pub const UNPARK_SQL: &str = "UPDATE tasks t
+            SET wait_reason = NULL,
+                updated_at = now()
            FROM workspaces w
           WHERE t.status = 'pending'
             AND t.wait_reason IN ('insufficient_credits', 'subscription_inactive', 'workspace_busy')
@@ -724,10 +733,13 @@ pub async fn unpark(pool: &PgPool) -> Result<u64> {
             AND w.deleted_at IS NULL
             AND GREATEST(COALESCE(t.estimated_cost, 0), 1)
                 <= LEAST(w.credits_balance - w.credits_reserved,
-                         COALESCE(w.monthly_credit_limit, 2147483647) - COALESCE(w.credits_used_this_month, 0) - w.credits_reserved)",
-    )
-    .execute(pool)
-    .await?;
+                         COALESCE(w.monthly_credit_limit, 2147483647) - COALESCE(w.credits_used_this_month, 0) - w.credits_reserved)";
+
+/// **Unpark** (scheduler): tasks parked because their workspace could not pay, was not in
+/// good standing, or was locked by someone else at claim time (`workspace_busy`), become
+/// promotable again once it can pay for them. Provider waits are [`unpark_providers`]'.
+pub async fn unpark(pool: &PgPool) -> Result<u64> {
+    let done = sqlx::query(UNPARK_SQL).execute(pool).await?;
     Ok(done.rows_affected())
 }
 
@@ -848,7 +860,8 @@ pub const CLAIM_SQL: &str = "WITH candidates AS (
                 SET status = 'pending',
                     wait_reason = CASE WHEN f.id IS NULL THEN 'workspace_busy'
                                        WHEN f.in_good_standing THEN 'insufficient_credits'
-                                       ELSE 'subscription_inactive' END
+                                       ELSE 'subscription_inactive' END,
+                    updated_at = now()
                FROM candidates c
                LEFT JOIN funds f ON f.id = c.workspace_id
               WHERE t.id = c.id
@@ -865,7 +878,8 @@ pub const CLAIM_SQL: &str = "WITH candidates AS (
                 locked_by = $1,
                 reserved_credits = g.cost,
                 worker_type = COALESCE(t.worker_type, 'ai'),
-                wait_reason = NULL
+                wait_reason = NULL,
+                updated_at = now()
            FROM granted g
            JOIN funds f ON f.id = g.workspace_id
           WHERE t.id = g.id
@@ -963,7 +977,8 @@ pub async fn heartbeat(
                 FOR NO KEY UPDATE OF t
          )
          UPDATE tasks t
-            SET lease_expires_at = now() + $3::bigint * interval '1 millisecond'
+            SET lease_expires_at = now() + $3::bigint * interval '1 millisecond',
+                updated_at = now()
            FROM held
           WHERE t.id = held.id
          RETURNING t.id",
@@ -1170,7 +1185,8 @@ async fn finish_rows(
                                      ELSE t.scheduled_for END,
                 error_details = COALESCE(r.details, t.error_details),
                 lease_token = NULL,
-                lease_expires_at = NULL
+                lease_expires_at = NULL,
+                updated_at = now()
            FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[], $5::int[], $6::jsonb[],
                        $7::int[], $8::text[], $9::text[], $10::bigint[], $11::jsonb[])
                 AS r(id, token, kind, output, cost, breakdown, ms, provider, model, retry_ms, details)
@@ -1233,7 +1249,8 @@ pub async fn release(pool: &PgPool, leases: &[(Uuid, Uuid)]) -> Result<u64> {
                 started_at = NULL,
                 lease_token = NULL,
                 lease_expires_at = NULL,
-                locked_by = NULL
+                locked_by = NULL,
+                updated_at = now()
            FROM unnest($1::uuid[], $2::uuid[]) AS l(id, token)
           WHERE t.id = l.id
             AND t.lease_token = l.token
@@ -1254,6 +1271,17 @@ pub struct ReclaimReport {
     pub requeued: u64,
     pub failed: u64,
 }
+
+/// The reclaim sweep's batch (`$1` most rows): processing tasks whose lease expired. Public so
+/// the index tests EXPLAIN the very SQL.
+pub const RECLAIM_SELECT_SQL: &str = "SELECT id
+           FROM tasks
+          WHERE status = 'processing'
+            AND lease_expires_at < now()
+            AND ($2::uuid IS NULL OR id = $2)
+          ORDER BY id
+          LIMIT $1
+            FOR NO KEY UPDATE SKIP LOCKED";
 
 /// **Reclaim** (scheduler): processing tasks whose lease expired — their worker was killed,
 /// lost its host or its network — go back to `queued` with the attempt counted, or to
@@ -1319,20 +1347,11 @@ async fn reclaim_pass(
 ) -> Result<ReclaimReport> {
     let (types, maxes): (Vec<String>, Vec<i32>) = max_attempts_by_type.iter().cloned().unzip();
     let mut tx = pool.begin().await?;
-    let expired: Vec<Uuid> = sqlx::query_scalar(
-        "SELECT id
-           FROM tasks
-          WHERE status = 'processing'
-            AND lease_expires_at < now()
-            AND ($2::uuid IS NULL OR id = $2)
-          ORDER BY id
-          LIMIT $1
-            FOR NO KEY UPDATE SKIP LOCKED",
-    )
-    .bind(batch)
-    .bind(only)
-    .fetch_all(&mut *tx)
-    .await?;
+    let expired: Vec<Uuid> = sqlx::query_scalar(RECLAIM_SELECT_SQL)
+        .bind(batch)
+        .bind(only)
+        .fetch_all(&mut *tx)
+        .await?;
     if expired.is_empty() {
         return Ok(ReclaimReport::default());
     }
@@ -1357,7 +1376,8 @@ async fn reclaim_pass(
                     'attempt', t.attempt,
                     'worker', t.locked_by),
                 lease_token = NULL,
-                lease_expires_at = NULL
+                lease_expires_at = NULL,
+                updated_at = now()
            FROM limits l
           WHERE t.id = l.id
          RETURNING t.status",

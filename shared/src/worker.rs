@@ -24,6 +24,7 @@ use crate::lifecycle::{
 };
 use crate::providers::{Preferences, Providers, TaskErrorKind};
 use crate::retry::{self, jittered, pause_after_db_errors};
+use crate::task_types;
 
 /// Counts of what one worker process did, printed at exit.
 #[derive(Debug, Default, Clone)]
@@ -124,6 +125,19 @@ impl Worker {
     pub async fn run(self, shutdown: CancellationToken) -> Result<WorkerStats> {
         let wc = &self.config.worker;
         self.providers.configure_budgets().await?;
+        // Registered types let an INSERT queue its own task; without them (database not
+        // reachable yet) tasks go through admission, as before, so this is not fatal.
+        match task_types::register(
+            &self.pool,
+            self.type_patterns.as_deref(),
+            &self.worker_id,
+            !self.config.models.is_empty(),
+        )
+        .await
+        {
+            Ok(types) => tracing::info!(?types, "registered task types"),
+            Err(e) => tracing::warn!(error = %e, "could not register task types"),
+        }
         let slots = Arc::new(Semaphore::new(wc.concurrency));
         let running: RunningMap = Arc::default();
         let wake = Arc::new(Notify::new());
