@@ -363,3 +363,11 @@ BEGIN
   RETURN NULL;
 END;
 $$;
+
+-- No tenant calls these (they are trigger functions); under Supabase's default privileges a
+-- new function is executable by anon and authenticated, so revoke by name (as 0009 does).
+REVOKE EXECUTE ON FUNCTION bizq_guard_task_insert() FROM PUBLIC, anon, authenticated;
+REVOKE EXECUTE ON FUNCTION bizq_queue_on_insert() FROM PUBLIC, anon, authenticated;
+REVOKE EXECUTE ON FUNCTION bizq_notify_inserted() FROM PUBLIC, anon, authenticated;
+REVOKE EXECUTE ON FUNCTION bizq_check_task_inserts() FROM PUBLIC, anon, authenticated;
+REVOKE EXECUTE ON FUNCTION bizq_release_reservation() FROM PUBLIC, anon, authenticated;

@@ -874,8 +874,8 @@ async fn stats_counts_tasks_by_status_and_shows_credits(pool: PgPool) -> anyhow:
 }
 
 /// Pins `bizq bench --print-pgbench-script`: it needs no database, and the script it prints
-/// is the real lifecycle — run against a database, it admits, claims, completes and charges
-/// a pending task.
+/// is the real lifecycle — run against a database where a worker registered `ai.generate`
+/// (so the INSERT queued the task, migration 0012), it claims, completes and charges it.
 #[sqlx::test(migrations = "../migrations")]
 async fn bench_prints_a_pgbench_script_that_runs_the_lifecycle(pool: PgPool) -> anyhow::Result<()> {
     let script = bizq_env(&[], &["bench", "--print-pgbench-script"])
@@ -891,6 +891,7 @@ async fn bench_prints_a_pgbench_script_that_runs_the_lifecycle(pool: PgPool) -> 
     );
 
     let (ws, slug) = workspace_slug(&pool).await?;
+    bizq::task_types::register(&pool, None, "test", false).await?;
     let id = enqueue(&pool, &["-w", &slug, "-i", r#"{"prompt": "bench"}"#]).await?;
     // The script is bizq's own output with pgbench's client variable bound to 1.
     sqlx::raw_sql(sqlx::AssertSqlSafe(script.replace(":client_id", "1")))

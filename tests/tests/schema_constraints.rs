@@ -84,6 +84,23 @@ const CASES: &[(&str, &str, &str)] = &[
         "provider_slots_held",
         "INSERT INTO provider_slots (provider, slot, holder) VALUES ('p', 0, gen_random_uuid())",
     ),
+    // Task types workers serve (0012) and live workers (0013).
+    (
+        "task_types",
+        "task_types_worker_kind_check",
+        "INSERT INTO task_types (type, worker_kind) VALUES ('t', 'robot')",
+    ),
+    (
+        "workers",
+        "workers_role_check",
+        "INSERT INTO workers (id, role, host, pid, version) VALUES ('w', 'janitor', 'h', 1, 'v')",
+    ),
+    (
+        "workers",
+        "workers_state_check",
+        "INSERT INTO workers (id, role, host, pid, version, state)
+         VALUES ('w', 'worker', 'h', 1, 'v', 'asleep')",
+    ),
     // Engine-only settings (migration 0009): one row, limits positive.
     (
         "bizq_limits",
