@@ -144,31 +144,6 @@ BEGIN
       USING ERRCODE = 'program_limit_exceeded';
   END IF;
 
-  -- The guard runs as the definer, so it asks about the role that issued the statement.
-  IF NOT bizq_role_is_privileged(bizq_calling_role()) AND EXISTS (
-       SELECT 1
-         FROM inserted_tasks n
-        WHERE n.status <> 'pending'
-           OR n.deps_remaining IS NOT NULL
-           OR n.attempt <> 0
-           OR n.reserved_credits <> 0
-           OR n.has_dependents
-           OR n.dependents_count <> 0
-           OR n.chain_depth IS NOT NULL
-           OR n.lease_token IS NOT NULL
-           OR n.lease_expires_at IS NOT NULL
-           OR n.locked_by IS NOT NULL
-           OR n.wait_reason IS NOT NULL
-           OR n.output IS NOT NULL
-           OR n.error_details IS NOT NULL
-           OR n.actual_cost IS NOT NULL
-           OR n.cost_breakdown IS NOT NULL
-           OR n.processing_time_ms IS NOT NULL
-           OR n.started_at IS NOT NULL
-           OR n.completed_at IS NOT NULL) THEN
-    RAISE EXCEPTION 'tasks are inserted as pending with product columns only; status, costs, leases, attempts and dependency counters belong to the engine'
-      USING ERRCODE = 'insufficient_privilege';
-  END IF;
   RETURN NULL;
 END;
 $$;
@@ -203,6 +178,52 @@ CREATE TRIGGER tasks_check_inserts
   REFERENCING NEW TABLE AS inserted_tasks
   FOR EACH STATEMENT
   EXECUTE FUNCTION bizq_check_task_inserts();
+
+-- What a non-privileged role may insert: fresh `pending` tasks with product columns only.
+-- A BEFORE INSERT row trigger whose WHEN clause lets through only rows that set an engine
+-- column, so a plain product insert runs no PL/pgSQL for it; the function then refuses any
+-- role that is not the engine or service_role. It must run BEFORE any trigger that fills engine
+-- columns itself (0012's tasks_queue_on_insert: same-kind triggers fire in name order, and
+-- tasks_guard_... sorts first), so the engine's own decision is never read as the tenant's.
+CREATE OR REPLACE FUNCTION bizq_guard_task_insert()
+RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = public, pg_temp
+AS $$
+BEGIN
+  IF NOT bizq_role_is_privileged(bizq_calling_role()) THEN
+    RAISE EXCEPTION 'tasks are inserted as pending with product columns only; status, costs, leases, attempts and dependency counters belong to the engine'
+      USING ERRCODE = 'insufficient_privilege';
+  END IF;
+  RETURN NEW;
+END;
+$$;
+REVOKE EXECUTE ON FUNCTION bizq_guard_task_insert() FROM PUBLIC, anon, authenticated;
+
+DROP TRIGGER IF EXISTS tasks_guard_engine_columns_on_insert ON tasks;
+CREATE TRIGGER tasks_guard_engine_columns_on_insert
+  BEFORE INSERT ON tasks
+  FOR EACH ROW
+  WHEN (NEW.status <> 'pending'
+        OR NEW.deps_remaining IS NOT NULL
+        OR NEW.attempt <> 0
+        OR NEW.reserved_credits <> 0
+        OR NEW.has_dependents
+        OR NEW.dependents_count <> 0
+        OR NEW.chain_depth IS NOT NULL
+        OR NEW.lease_token IS NOT NULL
+        OR NEW.lease_expires_at IS NOT NULL
+        OR NEW.locked_by IS NOT NULL
+        OR NEW.wait_reason IS NOT NULL
+        OR NEW.output IS NOT NULL
+        OR NEW.error_details IS NOT NULL
+        OR NEW.actual_cost IS NOT NULL
+        OR NEW.cost_breakdown IS NOT NULL
+        OR NEW.processing_time_ms IS NOT NULL
+        OR NEW.started_at IS NOT NULL
+        OR NEW.completed_at IS NOT NULL)
+  EXECUTE FUNCTION bizq_guard_task_insert();
 
 -- Updates: column grants stop `authenticated`; this covers any other non-privileged role that
 -- holds UPDATE on tasks (as protect_workspace_billing does for workspaces). Once per
