@@ -10,6 +10,7 @@
 
 use std::time::Duration;
 
+use anyhow::Context;
 use bizq::config::Config;
 use bizq::lifecycle;
 use bizq_tests::engine::*;
@@ -51,22 +52,27 @@ async fn listeners(pool: &PgPool, channel: &str) -> anyhow::Result<Vec<i32>> {
     .await?)
 }
 
-/// Waits until the scheduler (`bizq_pending`) and the worker (`bizq_queued`) are listening,
-/// then lets the start-up passes (and the wake-up each listener gives after connecting)
-/// finish. This pause only removes an alternative explanation; it cannot make a test fail.
-async fn wait_until_listening(pool: &PgPool) -> anyhow::Result<()> {
+/// Waits until someone LISTENs on each of `channels`, then lets the start-up passes (and the
+/// wake-up each listener gives after connecting) finish. This pause only removes an
+/// alternative explanation; it cannot make a test fail.
+async fn wait_until_listening_on(pool: &PgPool, channels: &[&str]) -> anyhow::Result<()> {
     let deadline = std::time::Instant::now() + T;
-    while listeners(pool, "bizq_pending").await?.is_empty()
-        || listeners(pool, "bizq_queued").await?.is_empty()
-    {
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "the fleet never LISTENed"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    for channel in channels {
+        while listeners(pool, channel).await?.is_empty() {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "nobody LISTENed on {channel}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     Ok(())
+}
+
+/// The scheduler (`bizq_pending`) and the worker (`bizq_queued`) are listening.
+async fn wait_until_listening(pool: &PgPool) -> anyhow::Result<()> {
+    wait_until_listening_on(pool, &["bizq_pending", "bizq_queued"]).await
 }
 
 /// Seconds from a task's insert to its claim, by the database's clock.
@@ -96,15 +102,9 @@ async fn notifications_wake_the_scheduler_and_the_worker_at_once(
     wait_until_listening(&pool).await?;
     for round in 0..3 {
         let id = generate(&pool, ws, &format!("round {round}"), 5, &[]).await?;
-        let deadline = std::time::Instant::now() + T;
-        while status(&pool, id).await? != "completed" {
-            anyhow::ensure!(
-                std::time::Instant::now() < deadline,
-                "round {round}: not completed; status {}",
-                status(&pool, id).await?
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_status(&pool, id, "completed")
+            .await
+            .with_context(|| format!("round {round}"))?;
         let s = pickup_seconds(&pool, id).await?;
         assert!(
             s < FAST,
@@ -126,7 +126,7 @@ async fn the_poll_finds_work_that_no_one_announced(pool: PgPool) -> anyhow::Resu
     let ws = workspace(&pool, 100).await?;
     let engine = engine_pool(&pool, &config).await?;
     let fleet = InProcessFleet::start(&engine, &config, 0, 1);
-    wait_until_listening_worker(&pool).await?;
+    wait_until_listening_on(&pool, &["bizq_queued"]).await?;
     for round in 0..2 {
         let id = generate(&pool, ws, &format!("unannounced {round}"), 5, &[]).await?;
         // What admission would write, minus its NOTIFY.
@@ -139,25 +139,11 @@ async fn the_poll_finds_work_that_no_one_announced(pool: PgPool) -> anyhow::Resu
         .bind(id)
         .execute(&pool)
         .await?;
-        let deadline = std::time::Instant::now() + T;
-        while status(&pool, id).await? != "completed" {
-            anyhow::ensure!(
-                std::time::Instant::now() < deadline,
-                "round {round}: the poll never found the task"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_status(&pool, id, "completed")
+            .await
+            .with_context(|| format!("round {round}"))?;
     }
     fleet.shutdown().await?;
-    Ok(())
-}
-
-async fn wait_until_listening_worker(pool: &PgPool) -> anyhow::Result<()> {
-    let deadline = std::time::Instant::now() + T;
-    while listeners(pool, "bizq_queued").await?.is_empty() {
-        anyhow::ensure!(std::time::Instant::now() < deadline, "no LISTEN");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     Ok(())
 }
 
@@ -198,14 +184,9 @@ async fn listen_comes_back_after_its_connection_is_killed(pool: PgPool) -> anyho
     tokio::time::sleep(Duration::from_millis(500)).await;
     for round in 0..2 {
         let id = generate(&pool, ws, &format!("after reconnect {round}"), 5, &[]).await?;
-        let deadline = std::time::Instant::now() + T;
-        while status(&pool, id).await? != "completed" {
-            anyhow::ensure!(
-                std::time::Instant::now() < deadline,
-                "round {round}: not completed after the reconnect"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_status(&pool, id, "completed")
+            .await
+            .with_context(|| format!("round {round}"))?;
         let s = pickup_seconds(&pool, id).await?;
         assert!(s < FAST, "round {round}: picked up after {s:.3} s");
     }
