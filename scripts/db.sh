@@ -66,7 +66,7 @@ pick_base() {
 
 free_port() {
   local p
-  for p in $(seq 54329 54400); do
+  for p in $(seq "${1:-54329}" 54400); do
     if ! (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null; then echo "$p"; return; fi
   done
   log "no free TCP port in 54329-54400"; exit 1
@@ -110,8 +110,19 @@ CONF
       port="$(free_port)"; echo "$port" > "$base/port"
       sed -i "s/^port = .*/port = $port/" "$data/postgresql.conf"
     fi
-    as_owner "$bindir/pg_ctl" -D "$data" -l "$base/server.log" -w -t 60 start >/dev/null \
-      || { tail -20 "$base/server.log" >&2; exit 1; }
+    # A port nobody listens on can still be bound (say, as the local end of an outgoing
+    # connection: 54329-54400 lies in Linux's ephemeral range), so a start that finds its
+    # port in use moves to the next free one and tries again.
+    local tries=0
+    until as_owner "$bindir/pg_ctl" -D "$data" -l "$base/server.log" -w -t 60 start >/dev/null 2>&1; do
+      tries=$((tries + 1))
+      if [ "$tries" -ge 5 ] || ! tail -5 "$base/server.log" | grep -q "Address already in use"; then
+        tail -20 "$base/server.log" >&2; exit 1
+      fi
+      port="$(free_port $(( $(cat "$base/port") + 1 )))"; echo "$port" > "$base/port"
+      sed -i "s/^port = .*/port = $port/" "$data/postgresql.conf"
+      log "port in use; retrying on $port"
+    done
   fi
   local psql="$bindir/psql"
   [ -x "$psql" ] || psql="psql"
