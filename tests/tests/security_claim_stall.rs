@@ -116,7 +116,7 @@ async fn the_engines_own_workspace_locks_park_nothing(pool: PgPool) -> anyhow::R
         .bind(ws)
         .execute(&pool)
         .await?;
-    let tasks = 2_000;
+    let tasks: i64 = 2_000;
     sqlx::query(
         "INSERT INTO tasks (workspace_id, type, category, name, input, priority, estimated_cost)
          SELECT $1, 'ai.generate', 'content', 'n', '{\"prompt\": \"p\"}', 5, 1
@@ -126,7 +126,13 @@ async fn the_engines_own_workspace_locks_park_nothing(pool: PgPool) -> anyhow::R
     .bind(tasks)
     .execute(&pool)
     .await?;
-    lifecycle::admit(&pool, tasks as i64, &["ai.generate"], DependencyFailurePolicy::Cancel).await?;
+    lifecycle::admit(
+        &pool,
+        tasks,
+        &["ai.generate"],
+        DependencyFailurePolicy::Cancel,
+    )
+    .await?;
 
     let mut workers = tokio::task::JoinSet::new();
     for w in 0..4 {
@@ -158,7 +164,9 @@ async fn the_engines_own_workspace_locks_park_nothing(pool: PgPool) -> anyhow::R
                         ai_model: None,
                     })
                     .collect();
-                done += lifecycle::finish_batch(&pool, &completions, &[]).await?.len();
+                done += lifecycle::finish_batch(&pool, &completions, &[])
+                    .await?
+                    .len();
             }
         });
     }
@@ -172,12 +180,16 @@ async fn the_engines_own_workspace_locks_park_nothing(pool: PgPool) -> anyhow::R
     )
     .fetch_one(&pool)
     .await?;
-    assert_eq!(parked, 0, "tasks were parked as workspace_busy by the engine's own locks");
+    assert_eq!(
+        parked, 0,
+        "tasks were parked as workspace_busy by the engine's own locks"
+    );
     assert_eq!(completed, tasks as usize);
-    let charged: i64 = sqlx::query_scalar("SELECT credits_used_this_month::bigint FROM workspaces WHERE id = $1")
-        .bind(ws)
-        .fetch_one(&pool)
-        .await?;
+    let charged: i64 =
+        sqlx::query_scalar("SELECT credits_used_this_month::bigint FROM workspaces WHERE id = $1")
+            .bind(ws)
+            .fetch_one(&pool)
+            .await?;
     assert_eq!(charged, tasks);
     Ok(())
 }
