@@ -960,6 +960,52 @@ async fn bench_prints_a_pgbench_script_that_runs_the_lifecycle(pool: PgPool) -> 
     Ok(())
 }
 
+/// Pins `bizq demo` under `scheduler.dependency_failure = "escalate"`: the demo's failing
+/// step escalates its dependents and their own dependents wait for a person. The demo counts
+/// those as settled and says why, instead of waiting for its timeout and failing.
+#[sqlx::test(migrations = "../migrations")]
+async fn demo_settles_under_the_escalate_policy(pool: PgPool) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("bizq-demo-test-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir)?;
+    let config = dir.join("demo-escalate.toml");
+    let demo = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/demo.toml"),
+    )?;
+    std::fs::write(
+        &config,
+        demo.replace(
+            "[scheduler]\n",
+            "[scheduler]\ndependency_failure = \"escalate\"\n",
+        ),
+    )?;
+    let config = config.to_string_lossy().to_string();
+    let out = bizq(
+        &pool,
+        &[
+            "--config",
+            &config,
+            "demo",
+            "--tasks",
+            "4",
+            "--timeout",
+            "90",
+        ],
+    )
+    .await
+    .ok();
+    assert!(out.contains("escalated"), "{out}");
+    assert!(
+        out.contains("waits behind an escalated task: a person decides"),
+        "{out}"
+    );
+    let left: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM tasks WHERE status IN ('queued', 'processing')")
+            .fetch_one(&pool)
+            .await?;
+    assert_eq!(left, 0);
+    Ok(())
+}
+
 /// Pins the top-level `--help` (clap docs in `cli/src/main.rs`): every command, and how the
 /// database and the config — with the dependency-failure policy — are chosen. Also: no
 /// database, or a config that cannot be read, is a clear error.
