@@ -22,7 +22,7 @@ pub use errors::{TaskError, TaskErrorKind};
 pub use pricing::{Prices, Usage};
 
 use crate::config::{ApiKey, Config, ModelConfig, ProviderConfig, ProviderKind, Tier};
-use crate::{Error, Result};
+use crate::{Error, Result, metrics};
 
 /// One text-generation call.
 #[derive(Debug, Clone)]
@@ -453,6 +453,17 @@ pub struct Route {
     pub max_tokens: Option<u32>,
 }
 
+/// The model name of the mock when no `[models]` entry applies.
+pub const MOCK_MODEL: &str = "mock-1";
+
+/// How one call on one route ended: refused by the budget, or made.
+enum Attempt {
+    /// The budget did not let the call go; nothing was sent.
+    Refused(TaskError),
+    /// The call was made (or could not be made for another reason than the budget).
+    Failed(TaskError),
+}
+
 /// A workspace's `ai_preferences`, as far as routing reads them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Preferences {
@@ -624,9 +635,18 @@ impl Providers {
         route: &Route,
         request: &GenerateRequest,
     ) -> Result<Answer, TaskError> {
+        match self.try_call(route, request).await {
+            Ok(answer) => Ok(answer),
+            Err(Attempt::Refused(e) | Attempt::Failed(e)) => Err(e),
+        }
+    }
+
+    /// One call on `route`: the budget's refusal (nothing was sent) is told apart from the
+    /// call's own failure.
+    async fn try_call(&self, route: &Route, request: &GenerateRequest) -> Result<Answer, Attempt> {
         let name = route.provider.name();
         let (Some(budgets), Some((_, timeout))) = (&self.budgets, self.limits.get(name)) else {
-            return route.provider.generate(request).await;
+            return self.generate(route, request).await.map_err(Attempt::Failed);
         };
         let ask = limiter::Ask {
             input_tokens: (request.prompt.chars().count() as u64).div_ceil(4),
@@ -635,9 +655,12 @@ impl Providers {
             hold_for: *timeout + Duration::from_secs(10),
         };
         let started = std::time::Instant::now();
-        let snooze = |until: DateTime<Utc>, reason: &'static str, message: String| TaskError {
-            kind: TaskErrorKind::Snooze { until, reason },
-            ..TaskError::permanent("rate_limited", message)
+        let refused = |until: DateTime<Utc>, reason: &'static str, message: String| {
+            metrics::provider_budget_refused(name, reason);
+            Attempt::Refused(TaskError {
+                kind: TaskErrorKind::Snooze { until, reason },
+                ..TaskError::permanent("rate_limited", message)
+            })
         };
         let permit = loop {
             let e = match budgets.take(name, &ask).await {
@@ -652,7 +675,7 @@ impl Providers {
                     ..
                 } => {
                     if started.elapsed() + *after > IN_FLIGHT_PATIENCE {
-                        return Err(snooze(*until, "max_in_flight", e.to_string()));
+                        return Err(refused(*until, "max_in_flight", e.to_string()));
                     }
                     tokio::time::sleep(*after).await;
                 }
@@ -661,21 +684,25 @@ impl Providers {
                         limiter::WaitReason::Blocked => "rate_limited",
                         _ => "rate_budget",
                     };
-                    return Err(snooze(*until, reason, e.to_string()));
+                    return Err(refused(*until, reason, e.to_string()));
                 }
                 limiter::TakeError::TooLarge { .. } => {
-                    return Err(TaskError::permanent("over_rate_budget", e.to_string()));
+                    metrics::provider_budget_refused(name, "too_large");
+                    return Err(Attempt::Refused(TaskError::permanent(
+                        "over_rate_budget",
+                        e.to_string(),
+                    )));
                 }
                 limiter::TakeError::Database(db) => {
-                    return Err(TaskError::retryable(
+                    return Err(Attempt::Failed(TaskError::retryable(
                         "database_error",
                         format!("taking from {name}'s rate budget failed: {db}"),
-                    ));
+                    )));
                 }
             }
         };
         tokio::time::sleep(permit.delay).await;
-        let result = route.provider.generate(request).await;
+        let result = self.generate(route, request).await;
         let settled = match &result {
             Ok(answer) => {
                 if let Err(e) = budgets
@@ -709,6 +736,52 @@ impl Providers {
         };
         if let Err(e) = settled {
             tracing::warn!(provider = name, error = %e, "cannot settle the rate budget; its slot expires on its own");
+        }
+        result.map_err(Attempt::Failed)
+    }
+
+    /// The provider's one HTTP attempt, recorded in the provider metrics (calls, latency,
+    /// errors by code, tokens and the credits the answer is priced at).
+    async fn generate(
+        &self,
+        route: &Route,
+        request: &GenerateRequest,
+    ) -> Result<Answer, TaskError> {
+        let started = std::time::Instant::now();
+        let result = route.provider.generate(request).await;
+        if metrics::enabled() {
+            let provider = route.provider.name();
+            let model = if self.models.contains_key(&route.model) || route.model == MOCK_MODEL {
+                route.model.as_str()
+            } else {
+                "other"
+            };
+            match &result {
+                Ok(answer) => {
+                    let credits = match &route.prices {
+                        Some(prices) => {
+                            pricing::cost(
+                                route.provider.kind(),
+                                &answer.usage,
+                                prices,
+                                self.credits_per_usd,
+                            )
+                            .credits
+                        }
+                        None => {
+                            mock::mock_cost(answer.usage.input_tokens, answer.usage.output_tokens)
+                        }
+                    };
+                    metrics::provider_answered(
+                        provider,
+                        model,
+                        started.elapsed(),
+                        &answer.usage,
+                        credits,
+                    );
+                }
+                Err(e) => metrics::provider_failed(provider, model, started.elapsed(), e),
+            }
         }
         result
     }
@@ -868,7 +941,7 @@ impl Providers {
             }
             return Ok(Route {
                 provider,
-                model: "mock-1".into(),
+                model: MOCK_MODEL.into(),
                 upstream: None,
                 prices: None,
                 max_tokens: None,
