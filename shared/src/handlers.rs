@@ -125,7 +125,11 @@ pub async fn run(providers: &Providers, task: &TaskContext) -> Result<HandlerOut
                 upstream: route.upstream.clone(),
                 max_tokens: input.max_tokens.or(route.max_tokens),
             };
-            let answer = providers.call(&route, &request).await?;
+            // Under `auto`, an out-of-budget provider gives way to another of the same tier.
+            let (route, answer) = providers
+                .call_routed(route, &request, input.max_tokens)
+                .await?;
+            let name = route.provider.name().to_string();
             let usage = answer.usage;
             let (cost, breakdown) = match &route.prices {
                 Some(prices) => {

@@ -59,18 +59,98 @@ pub const LEASES_RECLAIMED: &str = "bizq_leases_reclaimed_total";
 pub const ADMITTED: &str = "bizq_tasks_admitted_total";
 pub const PASS_DURATION: &str = "bizq_scheduler_pass_duration_seconds";
 
-// Providers: the provider clients record here, by `provider` and `model` (never a key or a
-// workspace id): calls by `outcome` (ok, error, rate_limited), latency, tokens.
+// Providers, by `provider` (its `[providers]` name) and `model` (its `[models]` name, or
+// `other` for a name outside `[models]` that only the mock answers): never a key or a
+// workspace id.
+/// Calls made (one HTTP attempt each), by `outcome`: `ok`, `rate_limited` (a 429), `error`.
 pub const PROVIDER_CALLS: &str = "bizq_provider_calls_total";
+/// Failed calls by `code` (`error_details.code`: provider_error, connect_error, bad_request,
+/// rate_limited, provider_auth, …) and `status` (the HTTP status, `none` without an answer).
+pub const PROVIDER_ERRORS: &str = "bizq_provider_errors_total";
+/// Send to last byte of each call, by `outcome`.
 pub const PROVIDER_LATENCY: &str = "bizq_provider_latency_seconds";
+/// Tokens answered, by `kind`: `input`, `cached_input`, `cache_write`, `output` (the figures of
+/// `cost_breakdown`: as the provider reported them).
 pub const PROVIDER_TOKENS: &str = "bizq_provider_tokens_total";
+/// Credits the answers were priced at (what their tasks are charged when their results land).
+pub const PROVIDER_CREDITS: &str = "bizq_provider_credits_total";
+/// Calls not made because the fleet-wide budget refused them, by `reason`: `rate_budget`
+/// (a bucket is empty), `rate_limited` (blocked after a 429), `max_in_flight`, `too_large`.
+pub const PROVIDER_BUDGET_REFUSALS: &str = "bizq_provider_budget_refusals_total";
+/// Calls sent to another provider of the same tier because the routed one was out of budget
+/// (`auto` routing), by `from` and `to` provider.
+pub const PROVIDER_REROUTED: &str = "bizq_provider_rerouted_total";
 
-/// Records one provider call. For the provider clients; nothing calls it in this version.
-pub fn provider_call(provider: &str, model: &str, outcome: &'static str, latency: Duration) {
+/// One provider call that answered: its latency, tokens and the credits it was priced at.
+pub fn provider_answered(
+    provider: &str,
+    model: &str,
+    latency: Duration,
+    usage: &crate::providers::Usage,
+    credits: i32,
+) {
+    if !enabled() {
+        return;
+    }
     let (p, m) = (provider.to_string(), model.to_string());
+    counter!(PROVIDER_CALLS, "provider" => p.clone(), "model" => m.clone(), "outcome" => "ok")
+        .increment(1);
+    histogram!(PROVIDER_LATENCY, "provider" => p.clone(), "model" => m.clone(), "outcome" => "ok")
+        .record(latency.as_secs_f64());
+    for (kind, n) in [
+        ("input", usage.input_tokens),
+        ("cached_input", usage.cached_input_tokens),
+        ("cache_write", usage.cache_write_tokens),
+        ("output", usage.output_tokens),
+    ] {
+        counter!(PROVIDER_TOKENS, "provider" => p.clone(), "model" => m.clone(), "kind" => kind)
+            .increment(n);
+    }
+    counter!(PROVIDER_CREDITS, "provider" => p, "model" => m).increment(credits.max(0) as u64);
+}
+
+/// One provider call that failed (after it was sent, or while sending it).
+pub fn provider_failed(
+    provider: &str,
+    model: &str,
+    latency: Duration,
+    error: &crate::providers::TaskError,
+) {
+    if !enabled() {
+        return;
+    }
+    let (p, m) = (provider.to_string(), model.to_string());
+    let outcome = if error.http_status == Some(429) {
+        "rate_limited"
+    } else {
+        "error"
+    };
+    let status = error
+        .http_status
+        .map_or_else(|| "none".to_string(), |s| s.to_string());
     counter!(PROVIDER_CALLS, "provider" => p.clone(), "model" => m.clone(), "outcome" => outcome)
         .increment(1);
-    histogram!(PROVIDER_LATENCY, "provider" => p, "model" => m).record(latency.as_secs_f64());
+    histogram!(PROVIDER_LATENCY, "provider" => p.clone(), "model" => m.clone(), "outcome" => outcome)
+        .record(latency.as_secs_f64());
+    counter!(PROVIDER_ERRORS, "provider" => p, "model" => m, "code" => error.code, "status" => status)
+        .increment(1);
+}
+
+/// A call the fleet-wide budget did not let through (no HTTP request was made).
+pub fn provider_budget_refused(provider: &str, reason: &'static str) {
+    if !enabled() {
+        return;
+    }
+    counter!(PROVIDER_BUDGET_REFUSALS, "provider" => provider.to_string(), "reason" => reason)
+        .increment(1);
+}
+
+/// A call rerouted from an out-of-budget provider to another of the same tier.
+pub fn provider_rerouted(from: &str, to: &str) {
+    if !enabled() {
+        return;
+    }
+    counter!(PROVIDER_REROUTED, "from" => from.to_string(), "to" => to.to_string()).increment(1);
 }
 
 const SECONDS_BUCKETS: &[f64] = &[

@@ -14,6 +14,9 @@ use sqlx::PgPool;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use uuid::Uuid;
 
+/// An API key in the dashboard's environment; no page may show it.
+const DASH_CANARY: &str = "sk-bizq-dash-canary-4b1d7e9f2a6c8e0d";
+
 /// A free TCP port on loopback (bound, then released for the child to take).
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -219,6 +222,40 @@ async fn fixture(pool: &PgPool) -> anyhow::Result<Fixture> {
     );
     r.metrics_addr = None;
     bizq::registry::register(pool, &r).await?;
+    // Providers: `openai` parked after a refused key, with a fleet-wide budget (2 of its 4
+    // slots held) and a task waiting for it; `anthropic` configured and available.
+    let budgets = bizq::providers::limiter::Budgets::new(pool.clone());
+    let limits = bizq::providers::limiter::Limits {
+        rpm: Some(6000),
+        max_in_flight: Some(4),
+        ..Default::default()
+    };
+    budgets.configure("openai", &limits).await?;
+    let ask = bizq::providers::limiter::Ask {
+        input_tokens: 10,
+        max_output_tokens: 10,
+        max_wait: Duration::ZERO,
+        hold_for: Duration::from_secs(600),
+    };
+    for _ in 0..2 {
+        // Held until they expire: the panel shows them in flight.
+        std::mem::forget(budgets.take("openai", &ask).await?);
+    }
+    sqlx::query(
+        "INSERT INTO provider_status (provider, parked_until, reason)
+         VALUES ('openai', now() + interval '1 hour',
+                 'provider_auth: Incorrect API key provided: [redacted]')",
+    )
+    .execute(pool)
+    .await?;
+    let waiting = lifecycle::enqueue(pool, &task("waits for openai", "blocked")).await?;
+    force(
+        pool,
+        waiting,
+        "status = 'pending', wait_reason = 'provider_unavailable',
+         error_details = '{\"code\": \"provider_auth\", \"provider\": \"openai\"}'",
+    )
+    .await?;
     Ok(Fixture {
         failed,
         failed_too,
@@ -265,7 +302,26 @@ fn screenshot_dir() -> std::path::PathBuf {
 #[sqlx::test(migrations = "../migrations")]
 async fn the_dashboard_in_a_real_browser(pool: PgPool) -> anyhow::Result<()> {
     let f = fixture(&pool).await?;
-    let dash = Dashboard::start(&pool, "127.0.0.1:0", &[]).await?;
+    // The fleet's config names two providers; the key's variable is set, so a dashboard
+    // that read keys could leak it.
+    let config = std::env::temp_dir().join(format!("bizq-dash-{}.toml", Uuid::new_v4()));
+    std::fs::write(
+        &config,
+        "[providers.openai]\nkind = \"openai\"\nbase_url = \"https://api.openai.com/v1\"\n\
+         api_key_env = \"BIZQ_T_DASH_KEY\"\n\n\
+         [providers.anthropic]\nkind = \"anthropic\"\nbase_url = \"https://api.anthropic.com\"\n\
+         api_key_env = \"BIZQ_T_DASH_KEY\"\n",
+    )?;
+    let config_path = config.display().to_string();
+    let dash = Dashboard::start(
+        &pool,
+        "127.0.0.1:0",
+        &[
+            ("BIZQ_CONFIG", &config_path),
+            ("BIZQ_T_DASH_KEY", DASH_CANARY),
+        ],
+    )
+    .await?;
     let base = format!("http://{}", dash.addr);
     let browser = Browser::start().await?;
     let c = &browser.client;
@@ -281,6 +337,53 @@ async fn the_dashboard_in_a_real_browser(pool: PgPool) -> anyhow::Result<()> {
         let alive = c.find(Locator::Id("workers-alive")).await?.text().await?;
         assert_eq!(alive, "1");
         assert!(text.contains("Last hour: 1 completed, 2 failed"), "{text}");
+        // The providers panel: openai parked, why and until when, its budget, slots held and
+        // the task waiting for it; anthropic available; no key anywhere on the page.
+        let openai = c
+            .find(Locator::Css("#providers tr[data-provider='openai']"))
+            .await?
+            .text()
+            .await?;
+        assert!(openai.contains("parked until"), "{openai}");
+        assert!(
+            openai.contains("provider_auth: Incorrect API key provided: [redacted]"),
+            "{openai}"
+        );
+        assert!(
+            openai.contains("requests:") && openai.contains("6000/min"),
+            "{openai}"
+        );
+        assert!(openai.contains("2 / 4"), "slots held: {openai}");
+        let waiting = c
+            .find(Locator::Css(
+                "#providers tr[data-provider='openai'] td:last-child",
+            ))
+            .await?
+            .text()
+            .await?;
+        assert_eq!(waiting, "1", "{openai}");
+        let anthropic = c
+            .find(Locator::Css("#providers tr[data-provider='anthropic']"))
+            .await?
+            .text()
+            .await?;
+        assert!(
+            anthropic.contains("anthropic") && anthropic.contains("available"),
+            "{anthropic}"
+        );
+        assert!(
+            !c.source().await?.contains(DASH_CANARY),
+            "an API key on a page"
+        );
+        c.execute(
+            "document.querySelector('h2 + #providers').previousElementSibling.scrollIntoView();",
+            vec![],
+        )
+        .await?;
+        std::fs::write(
+            screenshot_dir().join("dashboard-providers.png"),
+            c.screenshot().await?,
+        )?;
         std::fs::write(
             screenshot_dir().join("dashboard-overview.png"),
             c.screenshot().await?,

@@ -372,3 +372,176 @@ async fn json_log_lines_about_a_task_carry_its_id_and_workspace_id(
     }
     Ok(())
 }
+
+/// Pins the provider metrics of a real `bizq-worker` against two `wiremock` stand-ins (one
+/// OpenAI-style, one Anthropic-style): calls by provider, model and outcome equal the
+/// requests each stand-in received, the two 429s it answered are counted as `rate_limited`
+/// (and as errors with status 429), the one 500 as a `provider_error`, latency observations
+/// equal the calls, and tokens (input, cached, cache writes, output) and credits per provider
+/// equal the sums of the completed rows' `cost_breakdown` and `actual_cost`.
+#[sqlx::test(migrations = "../migrations")]
+async fn provider_metrics_match_the_stand_ins_and_the_rows(pool: PgPool) -> anyhow::Result<()> {
+    use bizq_tests::stand_in::{
+        ai_task, anthropic_answer, model, openai_answer, provider, set_key,
+    };
+    use serde_json::json;
+    use wiremock::matchers::{body_string_contains, method};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    let openai = MockServer::start().await;
+    let anthropic = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(body_string_contains("[429]"))
+        .respond_with(
+            ResponseTemplate::new(429)
+                .insert_header("retry-after-ms", "50")
+                .set_body_json(json!({"error": {"message": "slow down", "type": "requests"}})),
+        )
+        .up_to_n_times(2)
+        .with_priority(1)
+        .mount(&openai)
+        .await;
+    Mock::given(method("POST"))
+        .and(body_string_contains("[500]"))
+        .respond_with(ResponseTemplate::new(500).set_body_string("upstream hiccup"))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&openai)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(openai_answer("from openai", 120, 40, 15, "stop"))
+        .with_priority(2)
+        .mount(&openai)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(anthropic_answer(
+            &["from ", "anthropic"],
+            50,
+            20,
+            300,
+            7,
+            "end_turn",
+        ))
+        .mount(&anthropic)
+        .await;
+    set_key("BIZQ_T_PM_OPENAI", "sk-pm-openai-key-0100");
+    set_key("BIZQ_T_PM_ANTHROPIC", "sk-pm-anthropic-key-0101");
+    let config = format!(
+        "{}\n{}{}{}{}",
+        config_toml(&[("retry.base_ms", "10"), ("retry.max_ms", "200")]),
+        provider(
+            "openai",
+            "openai",
+            &openai.uri(),
+            "BIZQ_T_PM_OPENAI",
+            "rpm = 6000"
+        ),
+        provider(
+            "anthropic",
+            "anthropic",
+            &anthropic.uri(),
+            "BIZQ_T_PM_ANTHROPIC",
+            ""
+        ),
+        model("o-mini", "openai", 400.0, 100.0, 1600.0, ""),
+        model("c-sonnet", "anthropic", 300.0, 300.0, 1500.0, ""),
+    );
+    let ws = workspace(&pool, 1_000_000).await?;
+    let mut ids = Vec::new();
+    for prompt in ["a", "b", "c", "d", "[429] e", "[429] f", "[500] g"] {
+        let input = json!({"prompt": prompt, "max_tokens": 20});
+        ids.push(ai_task(&pool, ws, input, None, Some("o-mini")).await?);
+    }
+    for prompt in ["h", "i", "j"] {
+        let input = json!({"prompt": prompt, "max_tokens": 20});
+        ids.push(ai_task(&pool, ws, input, None, Some("c-sonnet")).await?);
+    }
+    let url = url_of(&pool);
+    let scheduler = Process::start("scheduler", &url, &config, &[])?;
+    let worker = Process::start(
+        "worker",
+        &url,
+        &config,
+        &["--metrics-addr", "127.0.0.1:0", "--id", "pm-worker"],
+    )?;
+    let addr = metrics_addr_of(&pool, "pm-worker").await?;
+    wait_for(
+        &pool,
+        "SELECT count(*) = 10 FROM tasks WHERE status = 'completed'",
+        Duration::from_secs(60),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", worker.log_text()))?;
+    let m = scrape(&addr).await?;
+
+    let to_openai = openai.received_requests().await.map_or(0, |r| r.len()) as f64;
+    let to_anthropic = anthropic.received_requests().await.map_or(0, |r| r.len()) as f64;
+    assert_eq!(to_openai, 10.0, "7 answers, 2 429s, 1 500");
+    assert_eq!(to_anthropic, 3.0);
+    let calls = |labels: &[&str]| sum(&m, "bizq_provider_calls_total", labels);
+    let openai_l = "provider=\"openai\"";
+    let anthropic_l = "provider=\"anthropic\"";
+    assert_eq!(calls(&[openai_l]), to_openai, "{m:?}");
+    assert_eq!(calls(&[anthropic_l]), to_anthropic);
+    assert_eq!(
+        calls(&[openai_l, "model=\"o-mini\"", "outcome=\"ok\""]),
+        7.0
+    );
+    assert_eq!(calls(&[openai_l, "outcome=\"rate_limited\""]), 2.0);
+    assert_eq!(calls(&[openai_l, "outcome=\"error\""]), 1.0);
+    assert_eq!(
+        calls(&[anthropic_l, "model=\"c-sonnet\"", "outcome=\"ok\""]),
+        3.0
+    );
+    let errors = |labels: &[&str]| sum(&m, "bizq_provider_errors_total", labels);
+    assert_eq!(errors(&["code=\"rate_limited\"", "status=\"429\""]), 2.0);
+    assert_eq!(errors(&["code=\"provider_error\"", "status=\"500\""]), 1.0);
+    assert_eq!(errors(&[]), 3.0);
+    assert_eq!(
+        sum(&m, "bizq_provider_latency_seconds_count", &[]),
+        to_openai + to_anthropic
+    );
+
+    // Tokens and credits against the completed rows, provider by provider.
+    for p in ["openai", "anthropic"] {
+        let row: (f64, f64, f64, f64, f64) = sqlx::query_as(
+            "SELECT sum((cost_breakdown ->> 'input_tokens')::float8),
+                    sum((cost_breakdown ->> 'cached_input_tokens')::float8),
+                    sum((cost_breakdown ->> 'cache_write_tokens')::float8),
+                    sum((cost_breakdown ->> 'output_tokens')::float8),
+                    sum(actual_cost)::float8
+               FROM tasks
+              WHERE status = 'completed' AND ai_provider = $1",
+        )
+        .bind(p)
+        .fetch_one(&pool)
+        .await?;
+        let label = format!("provider=\"{p}\"");
+        let tokens = |kind: &str| {
+            sum(
+                &m,
+                "bizq_provider_tokens_total",
+                &[&label, &format!("kind=\"{kind}\"")],
+            )
+        };
+        let got = (
+            tokens("input"),
+            tokens("cached_input"),
+            tokens("cache_write"),
+            tokens("output"),
+            sum(&m, "bizq_provider_credits_total", &[&label]),
+        );
+        assert_eq!(got, row, "{p}: tokens and credits against the rows");
+        assert!(row.0 > 0.0 && row.4 > 0.0, "{p}: {row:?}");
+    }
+    assert_eq!(
+        sum(&m, "bizq_provider_credits_total", &[]),
+        sum(&m, "bizq_credits_charged_total", &[]),
+        "every priced answer was charged"
+    );
+    let text = get(&addr, "/metrics").await?.body;
+    assert!(!text.contains("sk-pm-"), "a key in the metrics");
+    assert_eq!(worker.terminate().await?, Some(0));
+    assert_eq!(scheduler.terminate().await?, Some(0));
+    Ok(())
+}

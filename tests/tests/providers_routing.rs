@@ -252,3 +252,162 @@ async fn a_task_for_a_parked_provider_waits_without_extending_the_park(
     );
     Ok(())
 }
+
+/// A task that snoozed: pending again with its attempt given back and `code = rate_limited`;
+/// returns its `error_details` and how far ahead it is due, in seconds.
+async fn snoozed(pool: &PgPool, id: Uuid) -> anyhow::Result<(serde_json::Value, f64)> {
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let r: Option<(serde_json::Value, f64)> = sqlx::query_as(
+            "SELECT error_details, EXTRACT(EPOCH FROM scheduled_for - now())::float8
+               FROM tasks
+              WHERE id = $1 AND status = 'pending' AND attempt = 0
+                AND error_details ->> 'code' = 'rate_limited'",
+        )
+        .bind(id)
+        .fetch_optional(pool)
+        .await?;
+        if let Some(r) = r {
+            return Ok(r);
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "never snoozed: {:?}",
+            task_row(pool, id).await?
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Empties a provider's request bucket deep enough that it refills only in `secs` seconds
+/// (at `rpm = 60`, one request a second).
+async fn drain_requests(pool: &PgPool, provider: &str, secs: f64) -> anyhow::Result<()> {
+    let n = sqlx::query(
+        "UPDATE provider_budgets
+            SET tokens = -$2, refilled_at = now()
+          WHERE provider = $1 AND dimension = 'requests'",
+    )
+    .bind(provider)
+    .bind(secs)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    anyhow::ensure!(n == 1, "no request budget for {provider}");
+    Ok(())
+}
+
+/// Under `auto`, a provider that is out of budget is skipped for another of the same tier
+/// instead of snoozing the task (issue 9): with `alpha` (the cheapest, so routed first) out
+/// of request budget, then blocked after a 429, `auto` tasks complete on `beta` at once,
+/// alpha's stand-in never called. A task pinned to alpha's model still snoozes, without
+/// using an attempt. With both out of budget the `auto` task snoozes too, until the earlier
+/// of the two (alpha's refill in ~10 min, not beta's block of an hour).
+#[sqlx::test(migrations = "../migrations")]
+async fn auto_routing_skips_a_provider_out_of_budget(pool: PgPool) -> anyhow::Result<()> {
+    let alpha = MockServer::start().await;
+    let beta = MockServer::start().await;
+    for (server, text) in [(&alpha, "from alpha"), (&beta, "from beta")] {
+        Mock::given(method("POST"))
+            .respond_with(openai_answer(text, 100, 0, 10, "stop"))
+            .mount(server)
+            .await;
+    }
+    set_key("BIZQ_T_ROUTE_A_BUDGET", "sk-alpha-key-0012");
+    set_key("BIZQ_T_ROUTE_B_BUDGET", "sk-beta-key-0013");
+    // Snoozes uncapped (the test config caps them at 500 ms), so their due time shows which
+    // budget they wait for.
+    let config = config_over(
+        &[("retry.max_ms", "3600000")],
+        &format!(
+            "{}{}{}{}",
+            provider(
+                "alpha",
+                "openai",
+                &alpha.uri(),
+                "BIZQ_T_ROUTE_A_BUDGET",
+                "rpm = 60"
+            ),
+            provider(
+                "beta",
+                "openai",
+                &beta.uri(),
+                "BIZQ_T_ROUTE_B_BUDGET",
+                "rpm = 60"
+            ),
+            model("a-std", "alpha", 1.0, 1.0, 2.0, "tier = \"standard\""),
+            model("b-std", "beta", 2.0, 2.0, 4.0, "tier = \"standard\""),
+        ),
+    );
+    let ws = workspace(&pool, 1000).await?;
+    let engine = engine_pool(&pool, &config).await?;
+    let fleet = InProcessFleet::start(&engine, &config, 1, 1);
+    // The worker writes the budgets at start-up; drain alpha's once they exist.
+    wait_for(
+        &pool,
+        "SELECT count(*) = 2 FROM provider_budgets WHERE dimension = 'requests' AND capacity = 60",
+        T,
+    )
+    .await?;
+    drain_requests(&pool, "alpha", 600.0).await?;
+
+    let p = json!({"prompt": "p", "max_tokens": 10});
+    let auto = ai_task(&pool, ws, p.clone(), None, None).await?;
+    let row = wait_status(&pool, auto, "completed", T).await?;
+    assert_eq!(route_of(&row), (Some("beta"), Some("b-std")));
+    assert_eq!(row.attempt, 1);
+    let cost = row.cost_breakdown.expect("cost_breakdown");
+    assert_eq!(
+        cost["prices_usd_micros_per_mtok"]["input"], 2_000_000,
+        "priced at beta's model: {cost}"
+    );
+
+    // Pinned to alpha's model: no other provider may answer, so it snoozes.
+    let pinned = ai_task(&pool, ws, p.clone(), None, Some("a-std")).await?;
+    let (details, due) = snoozed(&pool, pinned).await?;
+    assert_eq!(details["reason"], "rate_budget", "{details}");
+    assert!(
+        due > 500.0,
+        "due when alpha's budget refills: {due} s {details}"
+    );
+    // Pinned to alpha by provider: the same.
+    let pinned_provider = ai_task(&pool, ws, p.clone(), Some("alpha"), None).await?;
+    snoozed(&pool, pinned_provider).await?;
+
+    // Blocked after a 429 (alpha refilled, but blocked for an hour): skipped the same way.
+    sqlx::query(
+        "UPDATE provider_budgets SET tokens = burst, refilled_at = now()
+          WHERE provider = 'alpha' AND dimension = 'requests'",
+    )
+    .execute(&pool)
+    .await?;
+    bizq::providers::limiter::Budgets::new(pool.clone())
+        .block_until("alpha", chrono::Utc::now() + chrono::Duration::hours(1))
+        .await?;
+    let auto_blocked = ai_task(&pool, ws, p.clone(), Some("auto"), None).await?;
+    let row = wait_status(&pool, auto_blocked, "completed", T).await?;
+    assert_eq!(route_of(&row), (Some("beta"), Some("b-std")));
+
+    // Both out: alpha empty for ~10 minutes (block lifted), beta blocked for an hour. The
+    // task snoozes until the earlier of the two.
+    sqlx::query("UPDATE provider_budgets SET blocked_until = NULL WHERE provider = 'alpha'")
+        .execute(&pool)
+        .await?;
+    drain_requests(&pool, "alpha", 600.0).await?;
+    bizq::providers::limiter::Budgets::new(pool.clone())
+        .block_until("beta", chrono::Utc::now() + chrono::Duration::hours(1))
+        .await?;
+    let starved = ai_task(&pool, ws, p.clone(), None, None).await?;
+    let (details, due) = snoozed(&pool, starved).await?;
+    assert!(
+        (500.0..700.0).contains(&due),
+        "due at alpha's refill (~600 s), not beta's block (3600 s): {due} s, {details}"
+    );
+    fleet.shutdown().await?;
+    assert_eq!(
+        alpha.received_requests().await.map(|r| r.len()),
+        Some(0),
+        "alpha was never called while out of budget"
+    );
+    assert_eq!(beta.received_requests().await.map(|r| r.len()), Some(2));
+    Ok(())
+}

@@ -431,3 +431,115 @@ pub async fn admin_events(
     .fetch_all(pool)
     .await?)
 }
+
+/// One provider on the overview: whether this dashboard's config names it (and its kind),
+/// what its fleet-wide budgets hold now, whether it is parked and why, and the tasks waiting
+/// for it. Nothing about its key (not even the variable's name) or its URL (which may carry
+/// credentials) is read.
+pub struct ProviderPanel {
+    pub name: String,
+    /// `openai`, `anthropic`, `mock`; `None` when only the database knows the provider (the
+    /// fleet's config differs from the dashboard's).
+    pub kind: Option<&'static str>,
+    /// Per dimension: (dimension, level now, per minute); unlimited dimensions are left out.
+    pub budgets: Vec<(&'static str, f64, u64)>,
+    /// A 429's block in force.
+    pub blocked_until: Option<DateTime<Utc>>,
+    /// Calls in flight now, and the fleet-wide cap (`None` = uncapped).
+    pub in_flight: u64,
+    pub max_in_flight: Option<u64>,
+    /// `provider_status`: until when, whether that is still ahead, and why.
+    pub parked_until: Option<DateTime<Utc>>,
+    pub parked_now: bool,
+    pub park_reason: Option<String>,
+    /// Pending tasks with `wait_reason = 'provider_unavailable'` naming this provider.
+    pub waiting: i64,
+}
+
+/// Every provider the config names, has a budget row, was ever parked, or has tasks waiting
+/// for it, in name order.
+pub async fn providers(pool: &PgPool, config: &bizq::Config) -> anyhow::Result<Vec<ProviderPanel>> {
+    use std::collections::BTreeMap;
+    let mut out: BTreeMap<String, ProviderPanel> = BTreeMap::new();
+    let blank = |name: &str| ProviderPanel {
+        name: name.to_string(),
+        kind: None,
+        budgets: Vec::new(),
+        blocked_until: None,
+        in_flight: 0,
+        max_in_flight: None,
+        parked_until: None,
+        parked_now: false,
+        park_reason: None,
+        waiting: 0,
+    };
+    if config.providers.mock.enabled {
+        out.insert(
+            "mock".into(),
+            ProviderPanel {
+                kind: Some("mock"),
+                ..blank("mock")
+            },
+        );
+    }
+    for (name, p) in &config.providers.endpoints {
+        let kind = match p.kind {
+            bizq::config::ProviderKind::OpenAi => "openai",
+            bizq::config::ProviderKind::Anthropic => "anthropic",
+            bizq::config::ProviderKind::Mock => "mock",
+        };
+        out.insert(
+            name.clone(),
+            ProviderPanel {
+                kind: Some(kind),
+                ..blank(name)
+            },
+        );
+    }
+    for b in bizq::providers::limiter::Budgets::new(pool.clone())
+        .status()
+        .await?
+    {
+        let p = out
+            .entry(b.provider.clone())
+            .or_insert_with(|| blank(&b.provider));
+        if let (Some(per_minute), Some(level)) = (b.per_minute, b.level) {
+            p.budgets.push((b.dimension.as_str(), level, per_minute));
+        }
+        p.blocked_until = p.blocked_until.max(b.blocked_until);
+        p.in_flight = b.in_flight;
+        p.max_in_flight = b.max_in_flight;
+    }
+    // The park and its reason (the provider's message, redacted before it was stored).
+    let parks: Vec<(String, DateTime<Utc>, bool, String)> = sqlx::query_as(
+        "SELECT provider, parked_until, parked_until > now(), reason
+           FROM provider_status
+          ORDER BY provider",
+    )
+    .fetch_all(pool)
+    .await?;
+    for (name, until, now, reason) in parks {
+        let p = out.entry(name.clone()).or_insert_with(|| blank(&name));
+        p.parked_until = Some(until);
+        p.parked_now = now;
+        p.park_reason = Some(reason);
+    }
+    // Waiting tasks are pending, so the count stays within the live rows; grouped by the
+    // provider their error names, as `unpark_providers` matches them.
+    let waiting: Vec<(Option<String>, i64)> = sqlx::query_as(
+        "SELECT error_details ->> 'provider', count(*)
+           FROM tasks
+          WHERE status = 'pending'
+            AND wait_reason = 'provider_unavailable'
+          GROUP BY 1",
+    )
+    .fetch_all(pool)
+    .await?;
+    for (name, n) in waiting {
+        let name = name.unwrap_or_else(|| "(unnamed)".into());
+        out.entry(name.clone())
+            .or_insert_with(|| blank(&name))
+            .waiting = n;
+    }
+    Ok(out.into_values().collect())
+}

@@ -101,12 +101,66 @@ fn chart(last_hour: &[(i32, i64, i64)]) -> Markup {
     }
 }
 
+/// The providers table of the overview: budgets left per dimension, calls in flight, a 429's
+/// block, the park and its reason, and the tasks waiting for the provider.
+fn providers_panel(providers: &[data::ProviderPanel]) -> Markup {
+    html! {
+        @if providers.is_empty() {
+            p { "none configured" }
+        } @else {
+            table id="providers" {
+                tr {
+                    th { "provider" } th { "kind" } th { "budget left" } th { "in flight" }
+                    th { "state" } th { "tasks waiting" }
+                }
+                @for p in providers {
+                    tr data-provider=(p.name) {
+                        td { (p.name) }
+                        td { (p.kind.unwrap_or("not in this config")) }
+                        td {
+                            @if p.budgets.is_empty() {
+                                "unlimited"
+                            } @else {
+                                @for (dimension, level, per_minute) in &p.budgets {
+                                    div { (dimension) ": " (format!("{:.0}", level.max(0.0))) " left now, " (per_minute) "/min" }
+                                }
+                            }
+                            @if let Some(until) = p.blocked_until {
+                                div class="warn" { "blocked after a 429 until " (ts(Some(until))) }
+                            }
+                        }
+                        td { (p.in_flight) " / " (p.max_in_flight.map_or("no cap".to_string(), |m| m.to_string())) }
+                        td class="provider-state" {
+                            @if p.parked_now {
+                                span class="status failed" { "parked" }
+                                " until " (ts(p.parked_until))
+                                @if let Some(r) = &p.park_reason { div class="reason" { (r) } }
+                            } @else if let Some(r) = &p.park_reason {
+                                span class="status queued" { "probing" }
+                                div class="muted" { "last parked until " (ts(p.parked_until)) ": " (r) }
+                            } @else {
+                                span class="status completed" { "available" }
+                            }
+                        }
+                        td {
+                            @if p.waiting > 0 {
+                                a href="/tasks?status=pending" { (p.waiting) }
+                            } @else { "0" }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 pub async fn overview(State(app): State<Shared>) -> Result<Markup, PageError> {
     let o = data::overview(&app.pool).await?;
     let workers = bizq::registry::list(&app.pool, &app.config.ops).await?;
     let alive = workers.iter().filter(|w| w.state != "lost").count();
     let lost = workers.len() - alive;
     let events = data::admin_events(&app.pool, 10).await?;
+    let providers = data::providers(&app.pool, &app.config).await?;
     let (done, failed) = o
         .last_hour
         .iter()
@@ -145,7 +199,7 @@ pub async fn overview(State(app): State<Shared>) -> Result<Markup, PageError> {
                 }
             }
             h2 { "Providers" }
-            p class="muted" { "Provider budgets and rate-limit parking appear here with the provider clients (not in this version)." }
+            (providers_panel(&providers))
             h2 { "Recent admin actions" }
             @if events.is_empty() {
                 p { "none" }

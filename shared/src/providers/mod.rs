@@ -22,7 +22,7 @@ pub use errors::{TaskError, TaskErrorKind};
 pub use pricing::{Prices, Usage};
 
 use crate::config::{ApiKey, Config, ModelConfig, ProviderConfig, ProviderKind, Tier};
-use crate::{Error, Result};
+use crate::{Error, Result, metrics};
 
 /// One text-generation call.
 #[derive(Debug, Clone)]
@@ -451,6 +451,34 @@ pub struct Route {
     pub prices: Option<Prices>,
     /// The model's default `max_tokens`.
     pub max_tokens: Option<u32>,
+    /// Under `auto` routing: the best model of each other provider of the same tier, in the
+    /// order routing prefers them, for when this route's provider is out of budget
+    /// ([`Providers::call_routed`]). Empty for pinned tasks.
+    pub fallbacks: Vec<Route>,
+}
+
+/// The model name of the mock when no `[models]` entry applies.
+pub const MOCK_MODEL: &str = "mock-1";
+
+/// How one call on one route ended, for [`Providers::call_routed`].
+enum Attempt {
+    /// The budget did not let the call go; nothing was sent.
+    Refused(TaskError),
+    /// The call was made (or could not be made for another reason than the budget).
+    Failed(TaskError),
+}
+
+/// Of two refusals, the one the task should act on: a snooze (a budget refills) over a
+/// permanent refusal (a call too large for that provider), and of two snoozes the earlier.
+fn earlier_refusal(a: TaskError, b: TaskError) -> TaskError {
+    match (&a.kind, &b.kind) {
+        (TaskErrorKind::Snooze { until: ua, .. }, TaskErrorKind::Snooze { until: ub, .. }) => {
+            if ub < ua { b } else { a }
+        }
+        (TaskErrorKind::Snooze { .. }, _) => a,
+        (_, TaskErrorKind::Snooze { .. }) => b,
+        _ => a,
+    }
 }
 
 /// A workspace's `ai_preferences`, as far as routing reads them.
@@ -624,9 +652,67 @@ impl Providers {
         route: &Route,
         request: &GenerateRequest,
     ) -> Result<Answer, TaskError> {
+        match self.try_call(route, request).await {
+            Ok(answer) => Ok(answer),
+            Err(Attempt::Refused(e) | Attempt::Failed(e)) => Err(e),
+        }
+    }
+
+    /// [`call`](Self::call) on `route`, and when its provider is out of budget (a bucket
+    /// refuses the take, it is blocked after a 429, or every `max_in_flight` slot stays busy)
+    /// on each of `route.fallbacks` in turn: other providers of the same tier that `auto`
+    /// routing would also accept (pinned tasks have none). Only when every one refuses does
+    /// the task snooze, until the earliest of their budgets is ready. Returns the route that
+    /// answered, for pricing. `task_max_tokens` is the task's own `max_tokens`; a fallback
+    /// otherwise sends its model's default.
+    pub async fn call_routed(
+        &self,
+        route: Route,
+        request: &GenerateRequest,
+        task_max_tokens: Option<u32>,
+    ) -> Result<(Route, Answer), TaskError> {
+        let first = route.provider.name().to_string();
+        let mut fallbacks = route.fallbacks.clone().into_iter();
+        let mut refusal: Option<TaskError> = None;
+        let mut current = route;
+        let mut req = std::borrow::Cow::Borrowed(request);
+        loop {
+            match self.try_call(&current, &req).await {
+                Ok(answer) => {
+                    let to = current.provider.name();
+                    if to != first {
+                        metrics::provider_rerouted(&first, to);
+                    }
+                    return Ok((current, answer));
+                }
+                Err(Attempt::Failed(e)) => return Err(e),
+                Err(Attempt::Refused(e)) => {
+                    refusal = Some(match refusal {
+                        None => e,
+                        Some(prev) => earlier_refusal(prev, e),
+                    });
+                }
+            }
+            let Some(next) = fallbacks.find(|r| !self.is_parked(r.provider.name())) else {
+                return Err(refusal.unwrap_or_else(|| {
+                    TaskError::retryable("rate_budget", "no provider had budget for the call")
+                }));
+            };
+            req = std::borrow::Cow::Owned(GenerateRequest {
+                upstream: next.upstream.clone(),
+                max_tokens: task_max_tokens.or(next.max_tokens),
+                ..request.clone()
+            });
+            current = next;
+        }
+    }
+
+    /// One call on `route`: the budget's refusal (nothing was sent) is told apart from the
+    /// call's own failure, so [`call_routed`](Self::call_routed) can try another provider.
+    async fn try_call(&self, route: &Route, request: &GenerateRequest) -> Result<Answer, Attempt> {
         let name = route.provider.name();
         let (Some(budgets), Some((_, timeout))) = (&self.budgets, self.limits.get(name)) else {
-            return route.provider.generate(request).await;
+            return self.generate(route, request).await.map_err(Attempt::Failed);
         };
         let ask = limiter::Ask {
             input_tokens: (request.prompt.chars().count() as u64).div_ceil(4),
@@ -635,9 +721,12 @@ impl Providers {
             hold_for: *timeout + Duration::from_secs(10),
         };
         let started = std::time::Instant::now();
-        let snooze = |until: DateTime<Utc>, reason: &'static str, message: String| TaskError {
-            kind: TaskErrorKind::Snooze { until, reason },
-            ..TaskError::permanent("rate_limited", message)
+        let refused = |until: DateTime<Utc>, reason: &'static str, message: String| {
+            metrics::provider_budget_refused(name, reason);
+            Attempt::Refused(TaskError {
+                kind: TaskErrorKind::Snooze { until, reason },
+                ..TaskError::permanent("rate_limited", message)
+            })
         };
         let permit = loop {
             let e = match budgets.take(name, &ask).await {
@@ -652,7 +741,7 @@ impl Providers {
                     ..
                 } => {
                     if started.elapsed() + *after > IN_FLIGHT_PATIENCE {
-                        return Err(snooze(*until, "max_in_flight", e.to_string()));
+                        return Err(refused(*until, "max_in_flight", e.to_string()));
                     }
                     tokio::time::sleep(*after).await;
                 }
@@ -661,21 +750,25 @@ impl Providers {
                         limiter::WaitReason::Blocked => "rate_limited",
                         _ => "rate_budget",
                     };
-                    return Err(snooze(*until, reason, e.to_string()));
+                    return Err(refused(*until, reason, e.to_string()));
                 }
                 limiter::TakeError::TooLarge { .. } => {
-                    return Err(TaskError::permanent("over_rate_budget", e.to_string()));
+                    metrics::provider_budget_refused(name, "too_large");
+                    return Err(Attempt::Refused(TaskError::permanent(
+                        "over_rate_budget",
+                        e.to_string(),
+                    )));
                 }
                 limiter::TakeError::Database(db) => {
-                    return Err(TaskError::retryable(
+                    return Err(Attempt::Failed(TaskError::retryable(
                         "database_error",
                         format!("taking from {name}'s rate budget failed: {db}"),
-                    ));
+                    )));
                 }
             }
         };
         tokio::time::sleep(permit.delay).await;
-        let result = route.provider.generate(request).await;
+        let result = self.generate(route, request).await;
         let settled = match &result {
             Ok(answer) => {
                 if let Err(e) = budgets
@@ -709,6 +802,52 @@ impl Providers {
         };
         if let Err(e) = settled {
             tracing::warn!(provider = name, error = %e, "cannot settle the rate budget; its slot expires on its own");
+        }
+        result.map_err(Attempt::Failed)
+    }
+
+    /// The provider's one HTTP attempt, recorded in the provider metrics (calls, latency,
+    /// errors by code, tokens and the credits the answer is priced at).
+    async fn generate(
+        &self,
+        route: &Route,
+        request: &GenerateRequest,
+    ) -> Result<Answer, TaskError> {
+        let started = std::time::Instant::now();
+        let result = route.provider.generate(request).await;
+        if metrics::enabled() {
+            let provider = route.provider.name();
+            let model = if self.models.contains_key(&route.model) || route.model == MOCK_MODEL {
+                route.model.as_str()
+            } else {
+                "other"
+            };
+            match &result {
+                Ok(answer) => {
+                    let credits = match &route.prices {
+                        Some(prices) => {
+                            pricing::cost(
+                                route.provider.kind(),
+                                &answer.usage,
+                                prices,
+                                self.credits_per_usd,
+                            )
+                            .credits
+                        }
+                        None => {
+                            mock::mock_cost(answer.usage.input_tokens, answer.usage.output_tokens)
+                        }
+                    };
+                    metrics::provider_answered(
+                        provider,
+                        model,
+                        started.elapsed(),
+                        &answer.usage,
+                        credits,
+                    );
+                }
+                Err(e) => metrics::provider_failed(provider, model, started.elapsed(), e),
+            }
         }
         result
     }
@@ -769,6 +908,7 @@ impl Providers {
             upstream: Some(m.upstream.clone().unwrap_or_else(|| name.to_string())),
             prices: Some(prices_of(m)),
             max_tokens: m.max_tokens,
+            fallbacks: Vec::new(),
         })
     }
 
@@ -829,6 +969,7 @@ impl Providers {
                         upstream: Some(model.to_string()),
                         prices: None,
                         max_tokens: None,
+                        fallbacks: Vec::new(),
                     })
                 }
                 None => Err(TaskError::permanent(
@@ -868,10 +1009,11 @@ impl Providers {
             }
             return Ok(Route {
                 provider,
-                model: "mock-1".into(),
+                model: MOCK_MODEL.into(),
                 upstream: None,
                 prices: None,
                 max_tokens: None,
+                fallbacks: Vec::new(),
             });
         }
         let keep_if_any = |c: &mut Vec<(&String, &ModelConfig)>,
@@ -895,12 +1037,27 @@ impl Providers {
             let p = prices_of(m);
             (p.input + p.output, (*name).clone())
         });
-        let (name, m) = if req.preferences.cost_sensitivity >= 0.5 {
-            candidates[0]
-        } else {
-            candidates[candidates.len() - 1]
-        };
-        self.route_to_model(name, m)
+        if req.preferences.cost_sensitivity < 0.5 {
+            candidates.reverse();
+        }
+        let (name, m) = candidates[0];
+        let mut route = self.route_to_model(name, m)?;
+        if auto {
+            // Fallbacks for an out-of-budget provider: the preferred model of each other
+            // provider of the chosen tier that is not parked, in the same order.
+            let mut seen = vec![m.provider.as_str()];
+            for (other, om) in &candidates[1..] {
+                if om.tier != m.tier
+                    || seen.contains(&om.provider.as_str())
+                    || self.is_parked(&om.provider)
+                {
+                    continue;
+                }
+                seen.push(om.provider.as_str());
+                route.fallbacks.push(self.route_to_model(other, om)?);
+            }
+        }
+        Ok(route)
     }
 
     /// Estimated credits of an `ai.generate` task, for admission: its route's prices, the
