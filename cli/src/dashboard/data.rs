@@ -107,6 +107,7 @@ pub struct WorkspaceRow {
     pub backlog: i64,
     pub in_flight: i64,
     pub waiting_credits: i64,
+    pub waiting_provider: i64,
     pub waiting_dependencies: i64,
     pub waiting_schedule: i64,
     pub escalated: i64,
@@ -122,6 +123,7 @@ pub async fn workspaces(pool: &PgPool) -> anyhow::Result<Vec<WorkspaceRow>> {
                 COALESCE(q.backlog, 0) AS backlog,
                 COALESCE(q.in_flight, 0) AS in_flight,
                 COALESCE(q.waiting_credits, 0) AS waiting_credits,
+                COALESCE(q.waiting_provider, 0) AS waiting_provider,
                 COALESCE(q.waiting_dependencies, 0) AS waiting_dependencies,
                 COALESCE(q.waiting_schedule, 0) AS waiting_schedule,
                 COALESCE(q.escalated, 0) AS escalated,
@@ -132,8 +134,14 @@ pub async fn workspaces(pool: &PgPool) -> anyhow::Result<Vec<WorkspaceRow>> {
                 SELECT workspace_id,
                        count(*) FILTER (WHERE status IN ('pending', 'queued')) AS backlog,
                        count(*) FILTER (WHERE status = 'processing') AS in_flight,
-                       count(*) FILTER (WHERE status = 'pending' AND wait_reason IS NOT NULL)
+                       count(*) FILTER (WHERE status = 'pending'
+                                          AND wait_reason IN ('insufficient_credits',
+                                                              'subscription_inactive',
+                                                              'workspace_busy'))
                          AS waiting_credits,
+                       count(*) FILTER (WHERE status = 'pending'
+                                          AND wait_reason = 'provider_unavailable')
+                         AS waiting_provider,
                        count(*) FILTER (WHERE status = 'pending' AND deps_remaining > 0)
                          AS waiting_dependencies,
                        count(*) FILTER (WHERE status = 'pending' AND scheduled_for > now())

@@ -224,7 +224,7 @@ pub async fn workspaces(State(app): State<Shared>) -> Result<Markup, PageError> 
             table {
                 tr {
                     th { "workspace" } th { "plan" } th { "backlog" } th { "in flight" }
-                    th { "waiting: credits" } th { "dependencies" } th { "schedule" } th { "escalated" }
+                    th { "waiting: credits" } th { "provider" } th { "dependencies" } th { "schedule" } th { "escalated" }
                     th { "balance" } th { "reserved" } th { "used this month" } th { "monthly limit" }
                 }
                 @for w in &rows {
@@ -234,14 +234,14 @@ pub async fn workspaces(State(app): State<Shared>) -> Result<Markup, PageError> 
                         td { (w.plan) }
                         td { a href={ "/tasks?workspace=" (w.slug) "&status=queued" } { (w.backlog) } }
                         td { (w.in_flight) }
-                        td { (w.waiting_credits) } td { (w.waiting_dependencies) } td { (w.waiting_schedule) }
+                        td { (w.waiting_credits) } td { (w.waiting_provider) } td { (w.waiting_dependencies) } td { (w.waiting_schedule) }
                         td { (w.escalated) }
                         td { (w.credits_balance) } td { (w.credits_reserved) }
                         td { (opt(w.credits_used_this_month)) } td { (opt(w.monthly_credit_limit)) }
                     }
                 }
             }
-            p class="muted" { "Backlog = pending + queued. Provider waits appear with the provider clients." }
+            p class="muted" { "Backlog = pending + queued. Waiting: credits = the workspace cannot pay, is not in good standing or was locked at claim; provider = its provider is parked (bad key, quota; see the overview); schedule = due later, including tasks snoozed until a provider's rate limit resets." }
         },
     ))
 }
