@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
-use serde_json::json;
 use sqlx::PgPool;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -24,6 +23,7 @@ use crate::lifecycle::{
 };
 use crate::providers::{Preferences, Providers, TaskErrorKind};
 use crate::retry::{self, jittered, pause_after_db_errors};
+use crate::task::ErrorDetails;
 use crate::task_types;
 
 /// Counts of what one worker process did, printed at exit.
@@ -418,34 +418,26 @@ fn failure(
     error: handlers::TaskError,
     elapsed_ms: i32,
 ) -> Failure {
-    let mut details = json!({
-        "message": error.message,
-        "code": error.code,
-        "attempt": task.attempt,
-        "max_attempts": max_attempts,
-        "retryable": error.is_retryable(),
-    });
-    if let Some(status) = error.http_status {
-        details["http_status"] = json!(status);
-    }
-    if let Some(body) = &error.body_excerpt {
-        details["body_excerpt"] = json!(body);
-    }
-    if let Some(id) = &error.request_id {
-        details["request_id"] = json!(id);
-    }
+    let mut details = ErrorDetails {
+        max_attempts: Some(max_attempts),
+        retryable: Some(error.is_retryable()),
+        http_status: error.http_status,
+        body_excerpt: error.body_excerpt.as_deref().map(String::from),
+        request_id: error.request_id.as_deref().map(String::from),
+        ..ErrorDetails::new(error.code, error.message.clone(), task.attempt)
+    };
     let max_wait = Duration::from_millis(config.retry.max_ms);
     let action = match &error.kind {
         TaskErrorKind::Retryable { retry_after } if task.attempt < max_attempts => {
             let d = retry::delay(&config.retry, task.attempt, *retry_after);
-            details["retry_in_ms"] = json!(d.as_millis() as u64);
+            details.retry_in_ms = Some(d.as_millis() as u64);
             FailureAction::Retry(d)
         }
         TaskErrorKind::Retryable { .. } => {
-            details["message"] = json!(format!(
+            details.message = format!(
                 "{} (gave up after {} attempts)",
                 error.message, task.attempt
-            ));
+            );
             FailureAction::Fail
         }
         TaskErrorKind::Permanent => FailureAction::Fail,
@@ -455,16 +447,16 @@ fn failure(
                 .to_std()
                 .unwrap_or(Duration::ZERO)
                 .min(max_wait);
-            details["code"] = json!("rate_limited");
-            details["reason"] = json!(reason);
-            details["until"] =
-                json!(chrono::Utc::now() + chrono::Duration::from_std(d).unwrap_or_default());
-            details["retry_in_ms"] = json!(d.as_millis() as u64);
+            details.code = "rate_limited".into();
+            details.reason = Some(reason.to_string());
+            details.until =
+                Some(chrono::Utc::now() + chrono::Duration::from_std(d).unwrap_or_default());
+            details.retry_in_ms = Some(d.as_millis() as u64);
             FailureAction::Snooze(d)
         }
         TaskErrorKind::ProviderUnavailable { provider } if error.code == PROVIDER_PARKED => {
             // Known to be parked: wait for the recorded park, do not extend it.
-            details["provider"] = json!(provider);
+            details.provider = Some(provider.clone());
             FailureAction::Park {
                 provider: provider.clone(),
                 park: None,
@@ -475,8 +467,8 @@ fn failure(
             let until =
                 chrono::Utc::now() + chrono::Duration::from_std(park_for).unwrap_or_default();
             providers.park(provider, until);
-            details["provider"] = json!(provider);
-            details["parked_until"] = json!(until);
+            details.provider = Some(provider.clone());
+            details.parked_until = Some(until);
             tracing::warn!(provider = %provider, code = %error.code, park_seconds = park_for.as_secs(),
                            "provider parked fleet-wide: {}", error.message);
             FailureAction::Park {

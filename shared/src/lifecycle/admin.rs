@@ -3,6 +3,7 @@
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::task::TaskStatus;
 use crate::{Error, Result};
 
 /// **Cancel** (admin): a pending, queued or escalated task is cancelled at once. A processing
@@ -14,8 +15,8 @@ use crate::{Error, Result};
 /// The SQL body is `bizq_engine_cancel_task` (migration 0009), the very function members reach
 /// through `bizq_cancel_task`: one path for the CLI and for product code. The dependents'
 /// cascade follows this connection's `bizq.dependency_failure_policy`.
-pub async fn cancel(pool: &PgPool, id: Uuid, reason: &str) -> Result<String> {
-    let previous: Option<String> = sqlx::query_scalar("SELECT bizq_engine_cancel_task($1, $2)")
+pub async fn cancel(pool: &PgPool, id: Uuid, reason: &str) -> Result<TaskStatus> {
+    let previous: Option<TaskStatus> = sqlx::query_scalar("SELECT bizq_engine_cancel_task($1, $2)")
         .bind(id)
         .bind(reason)
         .fetch_one(pool)
@@ -24,7 +25,12 @@ pub async fn cancel(pool: &PgPool, id: Uuid, reason: &str) -> Result<String> {
         id,
         previous,
         "cancel",
-        &["pending", "queued", "processing", "escalated"],
+        &[
+            TaskStatus::Pending,
+            TaskStatus::Queued,
+            TaskStatus::Processing,
+            TaskStatus::Escalated,
+        ],
     )
 }
 
@@ -32,17 +38,21 @@ pub async fn cancel(pool: &PgPool, id: Uuid, reason: &str) -> Result<String> {
 /// the SQL bodies change nothing unless the status allows it.
 fn checked_previous(
     id: Uuid,
-    previous: Option<String>,
+    previous: Option<TaskStatus>,
     action: &'static str,
-    allowed: &'static [&'static str],
-) -> Result<String> {
+    allowed: &'static [TaskStatus],
+) -> Result<TaskStatus> {
     let status = previous.ok_or(Error::TaskNotFound(id))?;
-    if !allowed.contains(&status.as_str()) {
+    if !allowed.contains(&status) {
         return Err(Error::WrongStatus {
             id,
             status,
             action,
-            expected: allowed.join(", "),
+            expected: allowed
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
         });
     }
     Ok(status)
@@ -53,10 +63,19 @@ fn checked_previous(
 ///
 /// The SQL body is `bizq_engine_retry_task` (migration 0009), shared with members'
 /// `bizq_retry_task`.
-pub async fn retry(pool: &PgPool, id: Uuid) -> Result<String> {
-    let previous: Option<String> = sqlx::query_scalar("SELECT bizq_engine_retry_task($1)")
+pub async fn retry(pool: &PgPool, id: Uuid) -> Result<TaskStatus> {
+    let previous: Option<TaskStatus> = sqlx::query_scalar("SELECT bizq_engine_retry_task($1)")
         .bind(id)
         .fetch_one(pool)
         .await?;
-    checked_previous(id, previous, "retry", &["failed", "cancelled", "escalated"])
+    checked_previous(
+        id,
+        previous,
+        "retry",
+        &[
+            TaskStatus::Failed,
+            TaskStatus::Cancelled,
+            TaskStatus::Escalated,
+        ],
+    )
 }

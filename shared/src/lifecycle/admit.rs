@@ -8,6 +8,7 @@ use uuid::Uuid;
 use super::{CHANNEL_QUEUED, is_statement_error, notify, set_aside};
 use crate::Result;
 use crate::config::DependencyFailurePolicy;
+use crate::task::{ErrorDetails, TaskStatus};
 
 /// A task as product code creates it. Everything not named here takes the schema's default.
 #[derive(Debug, Clone)]
@@ -96,10 +97,10 @@ enum Verdict {
     Ready,
     /// Waits for this many unfinished dependencies.
     Blocked(Vec<Uuid>),
-    Reject(Value),
-    Escalate(Value),
+    Reject(ErrorDetails),
+    Escalate(ErrorDetails),
     /// A dependency already failed or was cancelled.
-    DependencyFailed(Value),
+    DependencyFailed(ErrorDetails),
 }
 
 /// Admission's batch of new `pending` tasks, oldest first (`$1` most rows), with the
@@ -269,7 +270,7 @@ async fn admit_batch(
         .collect();
     all_deps.sort();
     all_deps.dedup();
-    let mut dep_state: std::collections::HashMap<Uuid, (String, Uuid)> = Default::default();
+    let mut dep_state: std::collections::HashMap<Uuid, (TaskStatus, Uuid)> = Default::default();
     // Tasks already admitted waiting on each dependency (tasks.dependents_count).
     let mut dependents: std::collections::HashMap<Uuid, i64> = Default::default();
     let mut dep_exists_locked: std::collections::HashSet<Uuid> = Default::default();
@@ -362,6 +363,8 @@ async fn admit_batch(
 
     let mut report = AdmitReport::default();
     let mut ids = Vec::new();
+    // A verdict's kind: `ready` / `blocked` (both stay `pending` unless ready and due), or the
+    // status it ends in.
     let mut kinds: Vec<&'static str> = Vec::new();
     let mut remaining: Vec<i32> = Vec::new();
     let mut details: Vec<Option<Value>> = Vec::new();
@@ -372,20 +375,32 @@ async fn admit_batch(
     for c in &candidates {
         let depth = depth_of.get(&c.id).copied().unwrap_or(0);
         let verdict = if !known_types.contains(&c.task_type.as_str()) {
-            Verdict::Reject(json!({
-                "message": format!("unknown task type '{}' (known: {})", c.task_type, known_types.join(", ")),
-                "code": "unknown_task_type", "attempt": 0,
-            }))
+            Verdict::Reject(ErrorDetails::new(
+                "unknown_task_type",
+                format!(
+                    "unknown task type '{}' (known: {})",
+                    c.task_type,
+                    known_types.join(", ")
+                ),
+                0,
+            ))
         } else if c.depends_on.contains(&c.id) || in_cycle.contains(&c.id) {
-            Verdict::Reject(json!({
-                "message": "depends_on forms a cycle: this task (indirectly) depends on itself",
-                "code": "dependency_cycle", "attempt": 0,
-            }))
+            Verdict::Reject(ErrorDetails::new(
+                "dependency_cycle",
+                "depends_on forms a cycle: this task (indirectly) depends on itself",
+                0,
+            ))
         } else if depth > max_chain_depth {
-            Verdict::Reject(json!({
-                "message": format!("the chain of unfinished dependencies ending at this task is deeper than the limit of {max_chain_depth} (bizq_limits.max_chain_depth)"),
-                "code": "dependency_chain_too_deep", "limit": max_chain_depth, "attempt": 0,
-            }))
+            Verdict::Reject(ErrorDetails {
+                limit: Some(max_chain_depth),
+                ..ErrorDetails::new(
+                    "dependency_chain_too_deep",
+                    format!(
+                        "the chain of unfinished dependencies ending at this task is deeper than the limit of {max_chain_depth} (bizq_limits.max_chain_depth)"
+                    ),
+                    0,
+                )
+            })
         } else if c.depends_on.iter().any(|d| dep_exists_locked.contains(d)) {
             report.deferred += 1;
             continue;
@@ -393,38 +408,57 @@ async fn admit_batch(
             None => true,
             Some((_, ws)) => *ws != c.workspace_id,
         }) {
-            Verdict::Reject(json!({
-                "message": format!("depends_on names task {missing}, which does not exist in this workspace"),
-                "code": "missing_dependency", "dependency": missing, "attempt": 0,
-            }))
+            Verdict::Reject(ErrorDetails {
+                dependency: Some(*missing),
+                ..ErrorDetails::new(
+                    "missing_dependency",
+                    format!(
+                        "depends_on names task {missing}, which does not exist in this workspace"
+                    ),
+                    0,
+                )
+            })
         } else if c.worker_type.as_deref() == Some("human") {
-            Verdict::Escalate(json!({
-                "message": "worker_type is 'human': waiting for a person",
-                "code": "human_task", "attempt": 0,
-            }))
+            Verdict::Escalate(ErrorDetails::new(
+                "human_task",
+                "worker_type is 'human': waiting for a person",
+                0,
+            ))
         } else if let (Some(cost), Some(max)) = (c.estimated_cost, c.max_task_cost)
             && f64::from(cost) > max
         {
-            Verdict::Escalate(json!({
-                "message": format!("estimated cost {cost} exceeds the workspace's max_task_cost {max}"),
-                "code": "over_max_task_cost", "estimated_cost": cost, "attempt": 0,
-            }))
+            Verdict::Escalate(ErrorDetails {
+                estimated_cost: Some(cost),
+                ..ErrorDetails::new(
+                    "over_max_task_cost",
+                    format!("estimated cost {cost} exceeds the workspace's max_task_cost {max}"),
+                    0,
+                )
+            })
         } else if let Some((dep, (status, _))) = c
             .depends_on
             .iter()
             .filter_map(|d| dep_state.get(d).map(|s| (d, s)))
-            .find(|(_, (s, _))| s == "failed" || s == "cancelled")
+            .find(|(_, (s, _))| matches!(s, TaskStatus::Failed | TaskStatus::Cancelled))
         {
-            Verdict::DependencyFailed(json!({
-                "message": format!("dependency {dep} {status}"),
-                "code": format!("dependency_{status}"), "dependency": dep,
-                "dependency_status": status, "attempt": 0,
-            }))
+            Verdict::DependencyFailed(ErrorDetails {
+                dependency: Some(*dep),
+                dependency_status: Some(*status),
+                ..ErrorDetails::new(
+                    format!("dependency_{status}"),
+                    format!("dependency {dep} {status}"),
+                    0,
+                )
+            })
         } else {
             let open: Vec<Uuid> = c
                 .depends_on
                 .iter()
-                .filter(|d| dep_state.get(d).is_some_and(|(s, _)| s != "completed"))
+                .filter(|d| {
+                    dep_state
+                        .get(d)
+                        .is_some_and(|(s, _)| *s != TaskStatus::Completed)
+                })
                 .copied()
                 .collect();
             if open.is_empty() {
@@ -433,11 +467,17 @@ async fn admit_batch(
                 .iter()
                 .find(|d| dependents.get(d).copied().unwrap_or(0) >= i64::from(max_dependents))
             {
-                Verdict::Reject(json!({
-                    "message": format!("task {full} already has {max_dependents} dependents, the limit (bizq_limits.max_dependents)"),
-                    "code": "too_many_dependents", "dependency": full, "limit": max_dependents,
-                    "attempt": 0,
-                }))
+                Verdict::Reject(ErrorDetails {
+                    dependency: Some(*full),
+                    limit: Some(max_dependents),
+                    ..ErrorDetails::new(
+                        "too_many_dependents",
+                        format!(
+                            "task {full} already has {max_dependents} dependents, the limit (bizq_limits.max_dependents)"
+                        ),
+                        0,
+                    )
+                })
             } else {
                 for d in &open {
                     *dependents.entry(*d).or_insert(0) += 1;
@@ -466,30 +506,30 @@ async fn admit_batch(
             }
             Verdict::Reject(d) => {
                 report.rejected += 1;
-                kinds.push("failed");
+                kinds.push(TaskStatus::Failed.as_str());
                 remaining.push(0);
-                details.push(Some(d));
+                details.push(Some(d.to_json()));
             }
             Verdict::Escalate(d) => {
                 report.escalated += 1;
-                kinds.push("escalated");
+                kinds.push(TaskStatus::Escalated.as_str());
                 remaining.push(0);
-                details.push(Some(d));
+                details.push(Some(d.to_json()));
             }
             Verdict::DependencyFailed(d) => {
                 let kind = match policy {
                     DependencyFailurePolicy::Cancel => {
                         report.cancelled += 1;
-                        "cancelled"
+                        TaskStatus::Cancelled.as_str()
                     }
                     DependencyFailurePolicy::Escalate => {
                         report.escalated += 1;
-                        "escalated"
+                        TaskStatus::Escalated.as_str()
                     }
                 };
                 kinds.push(kind);
                 remaining.push(0);
-                details.push(Some(d));
+                details.push(Some(d.to_json()));
             }
         }
     }

@@ -9,6 +9,7 @@ use uuid::Uuid;
 
 use super::{CHANNEL_PENDING, is_statement_error, isolate_rows, lock_for_update, notify};
 use crate::Result;
+use crate::task::{ErrorDetails, TaskStatus};
 
 /// A finished attempt's result.
 #[derive(Debug, Clone)]
@@ -50,8 +51,8 @@ pub struct Failure {
     pub id: Uuid,
     pub lease_token: Uuid,
     pub action: FailureAction,
-    /// `{message, code, attempt, http_status?, body_excerpt?, provider?, until?}`.
-    pub error_details: Value,
+    /// What went wrong, as `error_details` records it.
+    pub error_details: ErrorDetails,
     pub processing_time_ms: i32,
 }
 
@@ -127,7 +128,7 @@ async fn finish_rows(
     for c in completions {
         ids.push(c.id);
         tokens.push(c.lease_token);
-        kinds.push("completed".into());
+        kinds.push(TaskStatus::Completed.as_str().into());
         outputs.push(Some(c.output.clone()));
         costs.push(Some(c.actual_cost));
         breakdowns.push(Some(c.cost_breakdown.clone()));
@@ -143,7 +144,7 @@ async fn finish_rows(
         tokens.push(f.lease_token);
         let (kind, delay) = match &f.action {
             FailureAction::Retry(d) => ("retry", Some(d.as_millis() as i64)),
-            FailureAction::Fail => ("failed", None),
+            FailureAction::Fail => (TaskStatus::Failed.as_str(), None),
             FailureAction::Snooze(d) => ("snooze", Some(d.as_millis() as i64)),
             FailureAction::Park { provider, park } => {
                 if let Some((park_for, reason)) = park {
@@ -163,7 +164,7 @@ async fn finish_rows(
         providers.push(None);
         models.push(None);
         retry_ms.push(delay);
-        details.push(Some(f.error_details.clone()));
+        details.push(Some(f.error_details.to_json()));
     }
     let mut tx = pool.begin().await?;
     lock_for_update(&mut tx, &ids).await?;

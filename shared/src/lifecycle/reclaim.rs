@@ -6,6 +6,7 @@ use uuid::Uuid;
 
 use super::{CHANNEL_QUEUED, is_statement_error, isolate_rows, lock_for_update, notify};
 use crate::Result;
+use crate::task::TaskStatus;
 
 /// **Release** (worker, at shutdown): tasks it will not finish go back to `queued` at once,
 /// without counting the attempt, so another worker takes them without waiting for the lease.
@@ -131,7 +132,7 @@ async fn reclaim_pass(
     }
     // The expired rows are ours already (SKIP LOCKED above); the billing triggers of the
     // UPDATE below lock their workspaces, in id order, at its end.
-    let rows: Vec<String> = sqlx::query_scalar(
+    let rows: Vec<TaskStatus> = sqlx::query_scalar(
         "WITH limits AS (
              SELECT t.id,
                     COALESCE(t.max_attempts,
@@ -163,8 +164,8 @@ async fn reclaim_pass(
     .fetch_all(&mut *tx)
     .await?;
     let report = ReclaimReport {
-        requeued: rows.iter().filter(|s| *s == "queued").count() as u64,
-        failed: rows.iter().filter(|s| *s == "failed").count() as u64,
+        requeued: rows.iter().filter(|s| **s == TaskStatus::Queued).count() as u64,
+        failed: rows.iter().filter(|s| **s == TaskStatus::Failed).count() as u64,
     };
     if report.requeued > 0 {
         notify(&mut tx, CHANNEL_QUEUED).await?;
