@@ -283,7 +283,7 @@ pub async fn tasks(pool: &PgPool, f: &Bound, limit: i64) -> anyhow::Result<Vec<T
     );
     Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(f.workspace)
-        .bind(&f.status)
+        .bind(f.status)
         .bind(&f.task_type)
         .bind(f.since)
         .bind(f.until)
@@ -309,7 +309,7 @@ pub async fn matching_ids(
     );
     Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
         .bind(f.workspace)
-        .bind(&f.status)
+        .bind(f.status)
         .bind(&f.task_type)
         .bind(f.since)
         .bind(f.until)
