@@ -15,8 +15,7 @@ use uuid::Uuid;
 
 use crate::Result;
 use crate::config::Config;
-use crate::handlers::PROVIDER_PARKED;
-use crate::handlers::{self, TaskContext};
+use crate::handlers::{HandlerContext, Handlers, PROVIDER_PARKED, TaskContext, TaskError};
 use crate::lifecycle::{
     self, CHANNEL_CANCEL, CHANNEL_QUEUED, ClaimRequest, ClaimedTask, Completion, Failure,
     FailureAction,
@@ -89,6 +88,8 @@ pub struct Worker {
     pool: PgPool,
     config: Arc<Config>,
     providers: Providers,
+    /// Task type → handler.
+    handlers: Arc<Handlers>,
     worker_id: String,
     type_patterns: Option<Vec<String>>,
     live: Arc<crate::registry::Liveness>,
@@ -105,10 +106,17 @@ impl Worker {
             pool,
             config: Arc::new(config),
             providers,
+            handlers: Arc::new(Handlers::builtin()),
             worker_id,
             type_patterns,
             live: Arc::default(),
         })
+    }
+
+    /// Runs these handlers instead of the built-in ones (a product's own task types).
+    pub fn with_handlers(mut self, handlers: Handlers) -> Self {
+        self.handlers = Arc::new(handlers);
+        self
     }
 
     pub fn id(&self) -> &str {
@@ -127,8 +135,9 @@ impl Worker {
         self.providers.configure_budgets().await?;
         // Registered types let an INSERT queue its own task; without them (database not
         // reachable yet) tasks go through admission, as before, so this is not fatal.
-        match task_types::register(
+        match task_types::register_types(
             &self.pool,
+            &self.handlers.types(),
             self.type_patterns.as_deref(),
             &self.worker_id,
             !self.config.models.is_empty(),
@@ -337,6 +346,11 @@ impl Worker {
             );
         }
         let providers = self.providers.clone();
+        let handlers = self.handlers.clone();
+        let cx = HandlerContext {
+            providers: providers.clone(),
+            pool: self.pool.clone(),
+        };
         let config = self.config.clone();
         let results = results.clone();
         let span = tracing::info_span!("task", task = %task.id, workspace = %task.workspace_id);
@@ -344,6 +358,7 @@ impl Worker {
             let started = Instant::now();
             let ctx = TaskContext {
                 id: task.id,
+                workspace_id: task.workspace_id,
                 attempt: task.attempt,
                 task_type: task.task_type.clone(),
                 input: task.input.clone(),
@@ -352,11 +367,8 @@ impl Worker {
                 preferences: Preferences::from_json(task.ai_preferences.as_ref()),
             };
             let timeout = Duration::from_secs(config.worker.task_timeout_seconds);
-            let run = AssertUnwindSafe(tokio::time::timeout(
-                timeout,
-                handlers::run(&providers, &ctx),
-            ))
-            .catch_unwind();
+            let run = AssertUnwindSafe(tokio::time::timeout(timeout, handlers.run(&ctx, &cx)))
+                .catch_unwind();
             let result = tokio::select! {
                 r = run => Some(r),
                 _ = abort.cancelled() => None,
@@ -368,11 +380,11 @@ impl Worker {
             // Flatten catch_unwind(timeout(run)) into the handler's own Result.
             let result = result.map(|r| match r {
                 Ok(Ok(outcome)) => outcome,
-                Ok(Err(_elapsed)) => Err(handlers::TaskError::retryable(
+                Ok(Err(_elapsed)) => Err(TaskError::retryable(
                     "timeout",
                     format!("the handler did not finish within {} s", timeout.as_secs()),
                 )),
-                Err(_panic) => Err(handlers::TaskError::permanent(
+                Err(_panic) => Err(TaskError::permanent(
                     "handler_panicked",
                     "the handler panicked; see the worker's log",
                 )),
@@ -415,7 +427,7 @@ fn failure(
     providers: &Providers,
     task: &ClaimedTask,
     max_attempts: i32,
-    error: handlers::TaskError,
+    error: TaskError,
     elapsed_ms: i32,
 ) -> Failure {
     let mut details = ErrorDetails {

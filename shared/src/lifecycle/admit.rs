@@ -8,6 +8,7 @@ use uuid::Uuid;
 use super::{CHANNEL_QUEUED, is_statement_error, notify, set_aside};
 use crate::Result;
 use crate::config::DependencyFailurePolicy;
+use crate::handlers::{EstimateRequest, Handlers};
 use crate::task::{ErrorDetails, TaskStatus};
 
 /// A task as product code creates it. Everything not named here takes the schema's default.
@@ -143,10 +144,11 @@ pub async fn admit(
     admit_with_estimates(pool, batch, known_types, policy, None).await
 }
 
-/// **Admit**, and fill in `estimated_cost` where product code left it NULL on an
-/// `ai.generate` task: the routed model's prices × (prompt characters / 4 input tokens +
-/// `max_tokens` output tokens), so the claim's reservation and the `max_task_cost`
-/// escalation below work on real numbers. Tasks routed to the unpriced mock keep NULL.
+/// **Admit**, and fill in `estimated_cost` where product code left it NULL and the task's
+/// handler gives an estimate ([`crate::handlers::Handler::estimate`]; `ai.generate`: the
+/// routed model's prices × (prompt characters / 4 input tokens + `max_tokens` output
+/// tokens)), so the claim's reservation and the `max_task_cost` escalation below work on
+/// real numbers. Tasks routed to the unpriced mock keep NULL.
 pub async fn admit_with_estimates(
     pool: &PgPool,
     batch: i64,
@@ -234,20 +236,21 @@ async fn admit_batch(
         let mut estimated_cost: Option<i32> = r.try_get("estimated_cost")?;
         let mut estimate = None;
         if estimated_cost.is_none()
-            && task_type == "ai.generate"
             && let Some(providers) = providers
-            && let Ok(input) = crate::handlers::parse_generate(&r.try_get::<Value, _>("input")?)
         {
             let ai_provider: Option<String> = r.try_get("ai_provider")?;
             let ai_model: Option<String> = r.try_get("ai_model")?;
             let prefs: Option<Value> = r.try_get("ai_preferences")?;
-            estimate = providers.estimate(&crate::providers::RouteRequest {
-                ai_provider: ai_provider.as_deref(),
-                ai_model: ai_model.as_deref(),
-                preferences: &crate::providers::Preferences::from_json(prefs.as_ref()),
-                prompt_chars: input.prompt.chars().count(),
-                max_tokens: input.max_tokens,
-            });
+            estimate = Handlers::shared().estimate(
+                &task_type,
+                &r.try_get::<Value, _>("input")?,
+                &EstimateRequest {
+                    ai_provider: ai_provider.as_deref(),
+                    ai_model: ai_model.as_deref(),
+                    preferences: &crate::providers::Preferences::from_json(prefs.as_ref()),
+                },
+                providers,
+            );
             estimated_cost = estimate;
         }
         candidates.push(Candidate {
