@@ -7,9 +7,9 @@
 #      against each other (deploy/lint/check_deploy.py: probes, grace, secrets, order);
 #   4. the image: built with podman from the real Dockerfile on a locally made Debian base,
 #      with the binaries of this checkout (--target runtime-prebuilt: no registry is reachable here
-#      to pull the Rust image), inspected, and run in a chroot of its filesystem (this machine
-#      cannot run containers): `bizq migrate`, then a worker and a scheduler, each probed with
-#      the image's HEALTHCHECK command and /readyz, then stopped with SIGTERM.
+#      to pull the Rust image), inspected, and run as containers (podman + runc): `bizq migrate`,
+#      a scheduler and a worker, each probed with the image's HEALTHCHECK command inside its
+#      container and /readyz, a task that flows through them, then `podman stop` (SIGTERM).
 # The KEDA query itself is run and EXPLAINed by tests/tests/deploy_keda.rs.
 #
 # The linters go into a venv under .bizq/deploy-venv (PyPI), reused while
@@ -60,12 +60,12 @@ BIN="$ROOT/target/debug"
 for b in bizq bizq-scheduler bizq-worker; do
     [ -x "$BIN/$b" ] || die "$BIN/$b missing: run cargo build --workspace --bins first"
 done
-if ! command -v podman >/dev/null || ! command -v mmdebstrap >/dev/null || ! command -v psql >/dev/null; then
-    command -v apt-get >/dev/null || die "podman, mmdebstrap and psql are needed and there is no apt-get"
-    say "installing podman, mmdebstrap and the PostgreSQL client (once)"
+if ! command -v podman >/dev/null || ! command -v runc >/dev/null || ! command -v mmdebstrap >/dev/null || ! command -v psql >/dev/null; then
+    command -v apt-get >/dev/null || die "podman, runc, mmdebstrap and psql are needed and there is no apt-get"
+    say "installing podman, runc, mmdebstrap and the PostgreSQL client (once)"
     apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman mmdebstrap postgresql-client >&2 ||
-        die "apt-get install podman mmdebstrap postgresql-client failed"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc mmdebstrap postgresql-client >&2 ||
+        die "apt-get install podman runc mmdebstrap postgresql-client failed"
 fi
 
 # The runtime base: Debian trixie made from Debian's packages, standing in for the
@@ -86,12 +86,10 @@ fi
 # A build context with what the Dockerfile's prebuilt path reads, and nothing else.
 CTX="$(mktemp -d)"
 IMAGE=""
-MNT=""
-SVC_PID=""
+CONTAINERS=()
 DB=""
 cleanup() {
-    if [ -n "$SVC_PID" ]; then kill -KILL "$SVC_PID" 2>/dev/null || true; fi
-    if [ -n "$MNT" ]; then podman image unmount "$IMAGE" >/dev/null 2>&1 || true; fi
+    for c in "${CONTAINERS[@]}"; do podman rm --force --time 0 "$c" >/dev/null 2>&1 || true; done
     if [ -n "$IMAGE" ]; then podman rmi "$IMAGE" >/dev/null 2>&1 || true; fi
     if [ -n "$DB" ]; then psql "$DATABASE_URL" -qAtc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1 || true; fi
     rm -rf "$CTX"
@@ -139,51 +137,84 @@ print("\n".join(test[1:]))
 EOF
 )" || die "the built image does not declare what the Dockerfile intends (above)"
 
-# Run it. No container can start here (crun: cgroups in hybrid mode), so the image's own
-# filesystem is mounted and its programs run in a chroot as the image's user, on the host's
-# network: same binaries, same libraries, same config, same curl.
-MNT="$(podman image mount "$IMAGE")" || die "podman image mount failed"
+# Run it, as containers: podman with runc (Debian's default crun refuses this machine's hybrid
+# cgroups: "cgroups in hybrid mode not supported"), with podman's default nofile ulimit dropped
+# (raising RLIMIT_NOFILE is not permitted here). Each container has a network namespace of
+# its own (slirp4netns), so the image's own port 9464 and its HEALTHCHECK are used as they
+# are; the host's loopback, where the private PostgreSQL listens, is 10.0.2.2 from inside.
+export CONTAINERS_CONF="$WORK/containers.conf"
+printf '[containers]\ndefault_ulimits = []\n' >"$CONTAINERS_CONF"
+PODMAN=(podman --runtime runc)
+NET=(--network slirp4netns:allow_host_loopback=true)
+"${PODMAN[@]}" run --rm "${NET[@]}" "$IMAGE" bizq --help >"$WORK/run.log" 2>&1 ||
+    { cat "$WORK/run.log" >&2; die "podman cannot run the image here (runc installed? apt-get install runc)"; }
 DB="bizq_lint_deploy_$$"
 psql "$DATABASE_URL" -qAtc "CREATE DATABASE $DB" >/dev/null || die "cannot create database $DB"
 DB_URL="$("$VENV/bin/python" -c 'import sys, urllib.parse as u; p = u.urlsplit(sys.argv[1]); print(u.urlunsplit(p._replace(path="/" + sys.argv[2])))' "$DATABASE_URL" "$DB")"
-# shellcheck disable=SC2054 # the comma is inside RUST_LOG's value
-IN_IMAGE=(env -i PATH=/usr/local/bin:/usr/bin:/bin BIZQ_CONFIG=/etc/bizq/bizq.toml
-    RUST_LOG=info,sqlx=warn DATABASE_URL="$DB_URL" "$(command -v chroot)" --userspec=10001:10001 "$MNT")
-in_image() { "${IN_IMAGE[@]}" "$@"; }
-in_image bizq migrate >"$WORK/migrate.log" 2>&1 || { cat "$WORK/migrate.log" >&2; die "bizq migrate failed inside the image"; }
+# The same database as the containers reach it (the host's loopback is 10.0.2.2 there).
+CT_DB_URL="$("$VENV/bin/python" -c 'import sys, urllib.parse as u; p = u.urlsplit(sys.argv[1]); h = p.hostname; assert h in ("127.0.0.1", "localhost"), "the image check needs a PostgreSQL on the host loopback, not " + h; print(u.urlunsplit(p._replace(netloc=p.netloc.replace(h, "10.0.2.2", 1))))' "$DB_URL")" ||
+    die "the image check runs against the private PostgreSQL on 127.0.0.1 (scripts/db.sh url)"
+run_image() { "${PODMAN[@]}" run --rm "${NET[@]}" -e DATABASE_URL="$CT_DB_URL" -e RUST_LOG=info,sqlx=warn "$IMAGE" "$@"; }
+run_image bizq migrate >"$WORK/migrate.log" 2>&1 || { cat "$WORK/migrate.log" >&2; die "bizq migrate failed in a container of the image"; }
 
-# Each long-running program of the image, started from it as its CMD would be: the image's
-# own HEALTHCHECK command must pass against it (with 9464 replaced by a free port, as this
-# machine is shared), /readyz must answer 200, its logs must be JSON (the image config),
-# and SIGTERM must end it with exit status 0.
-check_program() {
-    local prog="$1" log="$WORK/$1.log" port healthy="" ready="" rc=0
-    port="$("$VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-    # Started directly (a function would fork a subshell): $! is the program itself.
-    "${IN_IMAGE[@]}" "$prog" --metrics-addr "127.0.0.1:$port" >"$log" 2>&1 &
-    SVC_PID=$!
-    mapfile -t probe < <(printf '%s\n' "$HEALTH_CMD" | sed "s#:9464/#:$port/#")
+# The long-running programs, each in a container of the image started as its CMD would be,
+# with the image's own config plus the mock provider (mounted read-only at the image's
+# BIZQ_CONFIG path, as compose and the Kubernetes ConfigMap do). The image's HEALTHCHECK must
+# pass (`podman healthcheck run`: the image's own command, in the container), /readyz must
+# answer 200, the logs must be JSON (the image config), and `podman stop` (SIGTERM) must end
+# it with exit status 0.
+cp deploy/container/bizq.toml "$WORK/bizq.toml"
+printf '\n[providers.mock]\nenabled = true\nlatency_ms = 20\n' >>"$WORK/bizq.toml"
+start_program() {
+    local prog="$1" name="bizq-lint-$1-$$" healthy="" ready="" logs
+    # No systemd here to run the HEALTHCHECK on a timer; it is run below, by hand.
+    "${PODMAN[@]}" run -d --name "$name" "${NET[@]}" --read-only \
+        -v "$WORK/bizq.toml:/etc/bizq/bizq.toml:ro" \
+        -e DATABASE_URL="$CT_DB_URL" -e RUST_LOG=info,sqlx=warn \
+        "$IMAGE" "$prog" >/dev/null 2>"$WORK/$prog.run.log" ||
+        { cat "$WORK/$prog.run.log" >&2; die "podman run of $prog failed"; }
+    CONTAINERS+=("$name")
     for _ in $(seq 1 60); do
-        if in_image "${probe[@]}" 2>/dev/null; then
+        if podman healthcheck run "$name" >/dev/null 2>&1; then
             healthy=1
             break
         fi
-        kill -0 "$SVC_PID" 2>/dev/null || break
         sleep 0.5
     done
-    [ -n "$healthy" ] || { cat "$log" >&2; die "the image's HEALTHCHECK never passed against $prog running from the image"; }
+    [ -n "$healthy" ] || { podman logs "$name" >&2; die "the image's HEALTHCHECK never passed for the $prog container"; }
     for _ in $(seq 1 20); do
-        ready="$(in_image curl --silent --max-time 2 --output /dev/null --write-out '%{http_code}' "http://127.0.0.1:$port/readyz" || true)"
+        ready="$("${PODMAN[@]}" exec "$name" curl --silent --max-time 2 --output /dev/null --write-out '%{http_code}' "http://127.0.0.1:9464/readyz" || true)"
         [ "$ready" = "200" ] && break
         sleep 0.5
     done
-    [ "$ready" = "200" ] || { cat "$log" >&2; die "/readyz answered $ready, not 200, from $prog in the image"; }
-    grep -q '^{' "$log" || { cat "$log" >&2; die "$prog in the image did not log JSON (the image config sets log_format = json)"; }
-    kill -TERM "$SVC_PID"
-    wait "$SVC_PID" || rc=$?
-    SVC_PID=""
-    [ "$rc" -eq 0 ] || { cat "$log" >&2; die "$prog in the image exited $rc after SIGTERM, not 0"; }
+    [ "$ready" = "200" ] || { podman logs "$name" >&2; die "/readyz answered $ready, not 200, in the $prog container"; }
+    logs="$(podman logs "$name" 2>&1)"
+    case "$logs" in "{"*) ;; *) printf '%s\n' "$logs" >&2; die "$prog in the container did not log JSON (the image config sets log_format = json)" ;; esac
 }
-check_program bizq-worker
-check_program bizq-scheduler
-say "image OK: built, uid 10001, read-only; migrate ran; worker and scheduler passed the HEALTHCHECK, /readyz 200, exit 0 on SIGTERM"
+stop_program() {
+    local name="$1" rc
+    podman stop --time 30 "$name" >/dev/null 2>>"$WORK/podman.log" || die "podman stop $name failed"
+    rc="$(podman inspect --format '{{.State.ExitCode}}' "$name")"
+    [ "$rc" = "0" ] || { podman logs "$name" >&2; die "$name exited $rc after SIGTERM, not 0"; }
+}
+start_program bizq-scheduler
+start_program bizq-worker
+
+# Work flows through the containers: a task enqueued by `bizq` from the image is promoted by
+# the scheduler's container and completed by the worker's, and charged.
+psql "$DB_URL" -qAtc "INSERT INTO workspaces (name, slug) VALUES ('lint', 'lint-deploy')" >/dev/null ||
+    die "cannot create the workspace lint-deploy"
+TASK="$(run_image bizq enqueue -w lint-deploy -i '{"prompt": "from a container"}' 2>"$WORK/enqueue.log" | grep -Eo '[0-9a-f-]{36}' | head -1 || true)"
+[ -n "$TASK" ] || { cat "$WORK/enqueue.log" >&2; die "bizq enqueue failed in a container of the image"; }
+status=""
+for _ in $(seq 1 60); do
+    status="$(psql "$DB_URL" -qAtc "SELECT status || ' ' || COALESCE(actual_cost, 0) FROM tasks WHERE id = '$TASK'")"
+    case "$status" in completed*) break ;; esac
+    sleep 0.5
+done
+case "$status" in
+    "completed "[1-9]*) ;;
+    *) podman logs "bizq-lint-bizq-worker-$$" >&2; die "task $TASK is '$status', not completed and charged, with the fleet in containers" ;;
+esac
+for c in "${CONTAINERS[@]}"; do stop_program "$c"; done
+say "image OK: built, uid 10001; run as containers (podman + runc, read-only root): migrate ran, scheduler and worker passed the image's HEALTHCHECK inside their containers, /readyz 200, a task enqueued from the image completed and was charged, exit 0 on SIGTERM"

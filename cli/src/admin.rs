@@ -302,16 +302,19 @@ pub async fn stats(pool: &PgPool) -> anyhow::Result<()> {
     sqlx::query(queries::STATS_SETTINGS_SQL)
         .execute(&mut *tx)
         .await?;
-    let rows = sqlx::query(queries::STATS_BY_STATUS_SQL)
-        .fetch_all(&mut *tx)
-        .await?;
+    let counts = queries::status_counts(&mut tx).await?;
     println!("tasks by status:");
-    for r in rows {
-        println!(
-            "  {:<11} {:>9}",
-            r.try_get::<TaskStatus, _>("status")?,
-            r.try_get::<i64, _>("n")?
-        );
+    for c in counts {
+        if c.estimated {
+            println!(
+                "  {:<11} {:>9}  (estimated: more than {}, so not counted one by one)",
+                c.status,
+                format!("~{}", c.n),
+                queries::EXACT_COUNT_LIMIT
+            );
+        } else {
+            println!("  {:<11} {:>9}", c.status, c.n);
+        }
     }
     let row = sqlx::query(queries::STATS_QUEUE_SQL)
         .fetch_one(&mut *tx)

@@ -833,12 +833,9 @@ async fn dashboard_round(pool: &PgPool, schema: Schema, reps: usize) -> anyhow::
     let workspaces: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT id FROM workspaces ORDER BY slug")
         .fetch_all(pool)
         .await?;
-    let (by_status, queue) = match schema {
-        Schema::Seed => (STATS_BY_STATUS_BEFORE, STATS_QUEUE_BEFORE),
-        Schema::Lean => (
-            bizq::queries::STATS_BY_STATUS_SQL,
-            bizq::queries::STATS_QUEUE_SQL,
-        ),
+    let queue = match schema {
+        Schema::Seed => STATS_QUEUE_BEFORE,
+        Schema::Lean => bizq::queries::STATS_QUEUE_SQL,
     };
     let mut samples: [Vec<f64>; 4] = Default::default();
     for r in 0..reps {
@@ -881,7 +878,16 @@ async fn dashboard_round(pool: &PgPool, schema: Schema, reps: usize) -> anyhow::
                 .execute(&mut *tx)
                 .await?;
         }
-        sqlx::query(by_status).fetch_all(&mut *tx).await?;
+        match schema {
+            Schema::Seed => {
+                sqlx::query(STATS_BY_STATUS_BEFORE)
+                    .fetch_all(&mut *tx)
+                    .await?;
+            }
+            Schema::Lean => {
+                bizq::queries::status_counts(&mut tx).await?;
+            }
+        }
         sqlx::query(queue).fetch_all(&mut *tx).await?;
         tx.commit().await?;
         samples[3].push(t.elapsed().as_secs_f64() * 1e3);

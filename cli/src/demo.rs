@@ -184,6 +184,34 @@ async fn plan(pool: &PgPool, ws: Uuid, n: usize) -> anyhow::Result<Planned> {
     Ok(p)
 }
 
+/// Pending tasks of the demo that wait, directly or through other pending tasks, on an
+/// escalated one: under `dependency_failure = "escalate"` they wait for a person, so the demo
+/// counts them as settled instead of waiting for its timeout.
+async fn behind_escalated(pool: &PgPool, ids: &[Uuid]) -> anyhow::Result<i64> {
+    let n = sqlx::query_scalar(
+        "WITH RECURSIVE stuck AS (
+             SELECT id
+               FROM tasks
+              WHERE id = ANY($1)
+                AND status = 'escalated'
+             UNION
+             SELECT t.id
+               FROM tasks t
+               JOIN stuck s ON s.id = ANY(t.depends_on)
+              WHERE t.id = ANY($1)
+                AND t.status = 'pending'
+         )
+         SELECT count(*)
+           FROM stuck s
+           JOIN tasks t ON t.id = s.id
+          WHERE t.status = 'pending'",
+    )
+    .bind(ids.to_vec())
+    .fetch_one(pool)
+    .await?;
+    Ok(n)
+}
+
 async fn counts(pool: &PgPool, ids: &[Uuid]) -> anyhow::Result<BTreeMap<TaskStatus, i64>> {
     let rows =
         sqlx::query("SELECT status, count(*) AS n FROM tasks WHERE id = ANY($1) GROUP BY status")
@@ -294,7 +322,8 @@ pub async fn run(
         let done: i64 = terminal
             .iter()
             .map(|s| m.get(s).copied().unwrap_or(0))
-            .sum();
+            .sum::<i64>()
+            + behind_escalated(&pool, &planned.ids).await?;
         if done as usize == planned.ids.len() {
             break true;
         }
@@ -344,7 +373,11 @@ pub async fn run(
                 .as_ref()
                 .and_then(|e| e.get("message"))
                 .and_then(Value::as_str)
-                .unwrap_or("-")
+                .unwrap_or(if status == "pending" {
+                    "waits behind an escalated task: a person decides (bizq retry / cancel)"
+                } else {
+                    "-"
+                })
                 .to_string();
             notes.push(format!(
                 "  {:<10} {:<40} {msg}",

@@ -812,6 +812,56 @@ async fn a_child_enqueued_after_its_parent_failed_is_escalated_under_escalate(
     Ok(())
 }
 
+/// Pins `bizq stats`'s bounded count (`queries::status_counts`): with more completed tasks
+/// than `EXACT_COUNT_LIMIT` it shows the planner's estimate, marked `~` and explained, close
+/// to the truth; every other status is still counted exactly. Counting a million completed
+/// tasks one by one took longer than the 50 ms `bizq stats` may take.
+#[sqlx::test(migrations = "../migrations")]
+async fn stats_estimates_completed_tasks_beyond_the_exact_limit(
+    pool: PgPool,
+) -> anyhow::Result<()> {
+    let (ws, _) = workspace_slug(&pool).await?;
+    let completed = bizq::queries::EXACT_COUNT_LIMIT + 10_000;
+    sqlx::query(
+        "INSERT INTO tasks (workspace_id, type, category, name, input, status, completed_at)
+         SELECT $1, 'ai.generate', 'content', 'done', '{}',
+                CASE WHEN g % 1000 = 0 THEN 'failed' ELSE 'completed' END, now()
+           FROM generate_series(1, $2) g",
+    )
+    .bind(ws)
+    .bind(completed + completed / 999)
+    .execute(&pool)
+    .await?;
+    sqlx::query("ANALYZE tasks").execute(&pool).await?;
+    let truth: (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE status = 'completed'), count(*) FILTER (WHERE status = 'failed')
+           FROM tasks",
+    )
+    .fetch_one(&pool)
+    .await?;
+    let out = bizq(&pool, &["stats"]).await.ok();
+    let line = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("completed "))
+        .unwrap_or_else(|| panic!("no completed line in\n{out}"));
+    assert!(line.contains("(estimated: more than 50000"), "{line}");
+    let shown: i64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.strip_prefix('~'))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no ~count in {line:?}"));
+    let off = (shown - truth.0).abs() as f64 / truth.0 as f64;
+    assert!(off < 0.1, "estimate {shown} against {} completed", truth.0);
+    assert!(
+        out.lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["failed", &truth.1.to_string()]),
+        "failed must stay exact ({}):\n{out}",
+        truth.1
+    );
+    Ok(())
+}
+
 /// Pins `bizq stats` (`admin::stats`): counts by status, tasks blocked on dependencies, and
 /// each workspace's credits.
 #[sqlx::test(migrations = "../migrations")]
@@ -905,6 +955,52 @@ async fn bench_prints_a_pgbench_script_that_runs_the_lifecycle(pool: PgPool) -> 
     let cost = cost.expect("an actual cost");
     let c = credits(&pool, ws).await?;
     assert_eq!((c.balance, c.reserved, c.used), (1000 - cost, 0, cost));
+    Ok(())
+}
+
+/// Pins `bizq demo` under `scheduler.dependency_failure = "escalate"`: the demo's failing
+/// step escalates its dependents and their own dependents wait for a person. The demo counts
+/// those as settled and says why, instead of waiting for its timeout and failing.
+#[sqlx::test(migrations = "../migrations")]
+async fn demo_settles_under_the_escalate_policy(pool: PgPool) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("bizq-demo-test-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir)?;
+    let config = dir.join("demo-escalate.toml");
+    let demo = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/demo.toml"),
+    )?;
+    std::fs::write(
+        &config,
+        demo.replace(
+            "[scheduler]\n",
+            "[scheduler]\ndependency_failure = \"escalate\"\n",
+        ),
+    )?;
+    let config = config.to_string_lossy().to_string();
+    let out = bizq(
+        &pool,
+        &[
+            "--config",
+            &config,
+            "demo",
+            "--tasks",
+            "4",
+            "--timeout",
+            "90",
+        ],
+    )
+    .await
+    .ok();
+    assert!(out.contains("escalated"), "{out}");
+    assert!(
+        out.contains("waits behind an escalated task: a person decides"),
+        "{out}"
+    );
+    let left: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM tasks WHERE status IN ('queued', 'processing')")
+            .fetch_one(&pool)
+            .await?;
+    assert_eq!(left, 0);
     Ok(())
 }
 

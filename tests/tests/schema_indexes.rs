@@ -152,7 +152,11 @@ fn cases(ws: Uuid, user: Uuid, auth: Uuid, parent: Uuid) -> BTreeMap<&'static st
                 STATS_QUEUE_SQL,
                 &[],
             ),
-            case("bizq stats, completed tasks", STATS_BY_STATUS_SQL, &[]),
+            case(
+                "bizq stats, completed tasks",
+                STATS_BY_STATUS_SQL,
+                &["50001"],
+            ),
         ],
     );
     m.insert(
@@ -163,7 +167,11 @@ fn cases(ws: Uuid, user: Uuid, auth: Uuid, parent: Uuid) -> BTreeMap<&'static st
                 LIST_SQL,
                 &["'failed'", &ws, "NULL", "20"],
             ),
-            case("bizq stats, tasks by status", STATS_BY_STATUS_SQL, &[]),
+            case(
+                "bizq stats, tasks by status",
+                STATS_BY_STATUS_SQL,
+                &["50001"],
+            ),
             case("bizq stats, blocked tasks", STATS_QUEUE_SQL, &[]),
             as_member(
                 case(

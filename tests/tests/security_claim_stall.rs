@@ -1,8 +1,9 @@
-//! No tenant lock stalls a claim (issue 8, attack 5): a tenant holding its workspace row
-//! locked in an open transaction used to make every claim touching that workspace wait, for
-//! every tenant in the batch. Pinned by `FOR NO KEY UPDATE SKIP LOCKED` in the claim's
-//! `funds` step, its short retries and the `workspace_busy` parking (`lifecycle::CLAIM_SQL`,
-//! `lifecycle::claim`), and `unpark` bringing the parked tasks back.
+//! No stall on a workspace row (issues 8 and 10). A tenant holding its workspace row locked
+//! in an open transaction used to make every claim touching that workspace wait, for every
+//! tenant in the batch: the claim now waits only `CLAIM_WORKSPACE_LOCK_WAIT` for the row, then
+//! claims around it (`FOR NO KEY UPDATE SKIP LOCKED`, short retries, `workspace_busy`
+//! parking; `lifecycle::claim`), and `unpark` brings the parked tasks back. The engine's own
+//! short locks on the row are waited for, so they park nothing.
 
 use std::time::{Duration, Instant};
 
@@ -99,5 +100,96 @@ async fn a_tenants_open_transaction_does_not_stall_claims(pool: PgPool) -> anyho
             .execute(&pool)
             .await?;
     }
+    Ok(())
+}
+
+/// The engine's own short locks on a workspace row (other workers' claims, result batches'
+/// billing triggers) are waited for, not treated like a tenant's: four workers claiming and
+/// completing 2,000 tasks of one busy workspace at once never park a task as `workspace_busy`
+/// and never leave one behind. Skipping the row at once (0009's first form) parked tasks here,
+/// and stalled four-worker benchmark rounds until the scheduler's unpark.
+#[sqlx::test(migrations = "../migrations")]
+async fn the_engines_own_workspace_locks_park_nothing(pool: PgPool) -> anyhow::Result<()> {
+    bizq_tests::audit::install(&pool).await?;
+    let ws = create_tenant(&pool, "busy").await?.id;
+    sqlx::query("UPDATE workspaces SET credits_balance = 1000000, monthly_credit_limit = 1000000 WHERE id = $1")
+        .bind(ws)
+        .execute(&pool)
+        .await?;
+    let tasks: i64 = 2_000;
+    sqlx::query(
+        "INSERT INTO tasks (workspace_id, type, category, name, input, priority, estimated_cost)
+         SELECT $1, 'ai.generate', 'content', 'n', '{\"prompt\": \"p\"}', 5, 1
+           FROM generate_series(1, $2)",
+    )
+    .bind(ws)
+    .bind(tasks)
+    .execute(&pool)
+    .await?;
+    lifecycle::admit(
+        &pool,
+        tasks,
+        &["ai.generate"],
+        DependencyFailurePolicy::Cancel,
+    )
+    .await?;
+
+    let mut workers = tokio::task::JoinSet::new();
+    for w in 0..4 {
+        let pool = pool.clone();
+        workers.spawn(async move {
+            let worker_id = format!("contender-{w}");
+            let mut done = 0usize;
+            loop {
+                let req = ClaimRequest {
+                    worker_id: &worker_id,
+                    limit: 25,
+                    type_patterns: None,
+                    lease: Duration::from_secs(60),
+                };
+                let got = lifecycle::claim(&pool, &req).await?;
+                if got.is_empty() {
+                    return anyhow::Ok(done);
+                }
+                let completions: Vec<lifecycle::Completion> = got
+                    .iter()
+                    .map(|t| lifecycle::Completion {
+                        id: t.id,
+                        lease_token: t.lease_token,
+                        output: serde_json::json!({"text": "ok"}),
+                        actual_cost: 1,
+                        cost_breakdown: serde_json::json!({}),
+                        processing_time_ms: 1,
+                        ai_provider: None,
+                        ai_model: None,
+                    })
+                    .collect();
+                done += lifecycle::finish_batch(&pool, &completions, &[])
+                    .await?
+                    .len();
+            }
+        });
+    }
+    let mut completed = 0;
+    while let Some(r) = workers.join_next().await {
+        completed += r??;
+    }
+
+    let parked: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM test_task_audit WHERE wait_reason = 'workspace_busy'",
+    )
+    .fetch_one(&pool)
+    .await?;
+    assert_eq!(
+        parked, 0,
+        "tasks were parked as workspace_busy by the engine's own locks"
+    );
+    assert_eq!(completed, tasks as usize);
+    let charged: i64 =
+        sqlx::query_scalar("SELECT credits_used_this_month::bigint FROM workspaces WHERE id = $1")
+            .bind(ws)
+            .fetch_one(&pool)
+            .await?;
+    assert_eq!(charged, tasks);
     Ok(())
 }

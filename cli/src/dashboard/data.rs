@@ -10,7 +10,9 @@ use uuid::Uuid;
 
 /// Task counts by status, the oldest queued task's age, and the last hour per minute.
 pub struct Overview {
-    pub by_status: Vec<(TaskStatus, i64)>,
+    /// Every status, with its count and whether that count is the planner's estimate
+    /// (`completed` above `queries::EXACT_COUNT_LIMIT`, as in `bizq stats`).
+    pub by_status: Vec<(TaskStatus, i64, bool)>,
     pub oldest_queued_s: Option<f64>,
     pub parked: Vec<(String, i64)>,
     pub blocked: i64,
@@ -20,18 +22,22 @@ pub struct Overview {
 }
 
 pub async fn overview(pool: &PgPool) -> anyhow::Result<Overview> {
-    let counts: Vec<(TaskStatus, i64)> =
-        sqlx::query_as("SELECT status, count(*) FROM tasks GROUP BY status")
-            .fetch_all(pool)
+    let counts = {
+        let mut tx = pool.begin().await?;
+        sqlx::query(bizq::queries::STATS_SETTINGS_SQL)
+            .execute(&mut *tx)
             .await?;
+        let counts = bizq::queries::status_counts(&mut tx).await?;
+        tx.commit().await?;
+        counts
+    };
     let by_status = TaskStatus::ALL
         .into_iter()
         .map(|s| {
-            let n = counts
+            counts
                 .iter()
-                .find(|(st, _)| *st == s)
-                .map_or(0, |(_, n)| *n);
-            (s, n)
+                .find(|c| c.status == s)
+                .map_or((s, 0, false), |c| (s, c.n, c.estimated))
         })
         .collect();
     let (oldest_queued_s, blocked, scheduled): (Option<f64>, i64, i64) = sqlx::query_as(

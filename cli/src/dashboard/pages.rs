@@ -118,9 +118,13 @@ pub async fn overview(State(app): State<Shared>) -> Result<Markup, PageError> {
         true,
         html! {
             section class="cards" {
-                @for (status, n) in &o.by_status {
+                @for (status, n, estimated) in &o.by_status {
                     a class="card" href={ "/tasks?status=" (status.as_str()) } {
-                        div class="n" { (n) }
+                        @if *estimated {
+                            div class="n" title="estimated from the planner's statistics" { "~" (n) }
+                        } @else {
+                            div class="n" { (n) }
+                        }
                         (status_badge(*status))
                     }
                 }

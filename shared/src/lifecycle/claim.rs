@@ -7,7 +7,7 @@ use serde_json::Value;
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
-use crate::Result;
+use crate::{Error, Result};
 
 /// A task a worker holds.
 #[derive(Debug, Clone)]
@@ -37,13 +37,16 @@ pub struct ClaimRequest<'a> {
     pub lease: Duration,
 }
 
-/// The claim statement. Parameters: `$1` worker id, `$2` most tasks, `$3` type `LIKE`
-/// patterns (NULL for all), `$4` lease in milliseconds, `$5` whether to park the tasks of a
-/// workspace whose row is locked elsewhere (`wait_reason = 'workspace_busy'`) instead of
-/// leaving them queued. Returns the claimed tasks, plus one row with `skipped` true (all else
-/// NULL) when some workspace's row was locked. Public so the benchmark can run the very same
-/// SQL through `pgbench`.
-pub const CLAIM_SQL: &str = "WITH candidates AS (
+/// The claim statement, in two variants that differ only in how the `funds` step locks the
+/// workspace rows (see [`claim`]). Parameters: `$1` worker id, `$2` most tasks, `$3` type
+/// `LIKE` patterns (NULL for all), `$4` lease in milliseconds, `$5` whether to park the tasks
+/// of a workspace whose row is locked elsewhere (`wait_reason = 'workspace_busy'`) instead of
+/// leaving them queued (only the skipping variant can skip a row). Returns the claimed tasks,
+/// plus one row with `skipped` true (all else NULL) when some workspace's row was skipped.
+macro_rules! claim_sql {
+    ($workspace_lock:literal) => {
+        concat!(
+            "WITH candidates AS (
              SELECT id, workspace_id, priority, created_at,
                     GREATEST(COALESCE(estimated_cost, 0), 1) AS cost
                FROM tasks
@@ -66,7 +69,9 @@ pub const CLAIM_SQL: &str = "WITH candidates AS (
                FROM workspaces w
               WHERE w.id IN (SELECT workspace_id FROM candidates)
               ORDER BY w.id
-                FOR NO KEY UPDATE SKIP LOCKED
+                ",
+            $workspace_lock,
+            "
          ),
          ranked AS (
              SELECT c.id, c.workspace_id, c.cost,
@@ -125,26 +130,86 @@ pub const CLAIM_SQL: &str = "WITH candidates AS (
          (SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, TRUE
             FROM candidates c
            WHERE c.workspace_id NOT IN (SELECT id FROM funds)
-           LIMIT 1)";
+           LIMIT 1)"
+        )
+    };
+}
+
+/// The claim as a worker runs it first: it waits for workspace rows locked elsewhere, inside a
+/// transaction whose `lock_timeout` is [`CLAIM_WORKSPACE_LOCK_WAIT`]. Public so the benchmark
+/// runs the very same SQL through `pgbench` and the index tests EXPLAIN it.
+pub const CLAIM_SQL: &str = claim_sql!("FOR NO KEY UPDATE");
+
+/// The claim after a wait timed out: workspace rows locked elsewhere are skipped (their tasks
+/// stay queued, or are parked as `workspace_busy` when `$5` is true).
+pub const CLAIM_SKIP_BUSY_SQL: &str = claim_sql!("FOR NO KEY UPDATE SKIP LOCKED");
 
 /// **Claim** (worker): takes up to `limit` queued tasks by priority (1 first), then age, with
-/// `FOR NO KEY UPDATE SKIP LOCKED`, in one statement that also checks each workspace's standing and
-/// reserves credits. Each task's reservation is its estimated cost (at least 1); tasks are
+/// `FOR NO KEY UPDATE SKIP LOCKED`, in one statement that also checks each workspace's standing
+/// and reserves credits. Each task's reservation is its estimated cost (at least 1); tasks are
 /// granted in priority order while the running sum fits the workspace's balance and its
 /// monthly limit, both net of reservations already held. The workspace rows are locked
-/// (`FOR NO KEY UPDATE`) so two workers reserving at once see each other's reservations:
-/// concurrent workers cannot overspend. The lock is `SKIP LOCKED`: a workspace row locked by
-/// anyone else (a tenant's open transaction cannot stall the fleet) is skipped, its tasks stay
-/// queued, and the claim tries again a few times within ~30 ms (see [`CLAIM_BUSY_RETRIES`]). Tasks that cannot be paid for go back to `pending`
-/// with `wait_reason` set, out of the claim index, until `unpark` sees funds again.
+/// (`FOR NO KEY UPDATE`, in id order) so two workers reserving at once see each other's
+/// reservations: concurrent workers cannot overspend. Tasks that cannot be paid for go back to
+/// `pending` with `wait_reason` set, out of the claim index, until `unpark` sees funds again.
+///
+/// Workspace rows are the busiest rows of the database: other workers' claims and every
+/// result batch's billing triggers lock them for a few milliseconds. So the claim first
+/// *waits* for them ([`CLAIM_SQL`]), but only for [`CLAIM_WORKSPACE_LOCK_WAIT`]: a lock held
+/// longer is not the engine's (a tenant's open transaction, say), and the claim is redone
+/// skipping the rows locked elsewhere ([`CLAIM_SKIP_BUSY_SQL`]), retried a few times, then
+/// parking the tasks of a workspace still locked as `workspace_busy` so they never hold the
+/// head of the queue (see [`claim_skipping_busy`]). Skipping at once (0009's first form)
+/// parked the tasks of one busy workspace whenever several workers claimed from it.
 ///
 /// The tenancy work to come (fair share across workspaces, per-plan caps) fits into the
 /// `candidates` and `granted` steps without changing the statement's shape.
 pub async fn claim(pool: &PgPool, req: &ClaimRequest<'_>) -> Result<Vec<ClaimedTask>> {
+    match claim_waiting(pool, req).await {
+        Err(Error::Database(sqlx::Error::Database(e))) if e.code().as_deref() == Some("55P03") => {
+            tracing::debug!(
+                worker = req.worker_id,
+                "a workspace row stayed locked past the claim's wait; claiming around it"
+            );
+            claim_skipping_busy(pool, req).await
+        }
+        other => other,
+    }
+}
+
+/// How long a claim waits for a workspace row locked elsewhere before it claims around it.
+/// The engine's own holds (a claim, a result batch's billing) last milliseconds.
+pub const CLAIM_WORKSPACE_LOCK_WAIT: Duration = Duration::from_millis(100);
+
+/// [`CLAIM_SQL`] in a transaction whose `lock_timeout` bounds the wait for workspace rows.
+async fn claim_waiting(pool: &PgPool, req: &ClaimRequest<'_>) -> Result<Vec<ClaimedTask>> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT set_config('lock_timeout', $1, true)")
+        .bind(format!("{}ms", CLAIM_WORKSPACE_LOCK_WAIT.as_millis()))
+        .execute(&mut *tx)
+        .await?;
+    let rows = sqlx::query(CLAIM_SQL)
+        .bind(req.worker_id.to_string())
+        .bind(req.limit)
+        .bind(req.type_patterns.map(|p| p.to_vec()))
+        .bind(req.lease.as_millis() as i64)
+        .bind(false)
+        .fetch_all(&mut *tx)
+        .await?;
+    let mut claimed = Vec::with_capacity(rows.len());
+    claimed_rows(rows, &mut claimed)?;
+    tx.commit().await?;
+    Ok(claimed)
+}
+
+/// [`CLAIM_SKIP_BUSY_SQL`], tried again after 2, 4, 8 and 16 ms while some workspace row is
+/// still locked elsewhere; the last try parks that workspace's tasks as `workspace_busy`, and
+/// `unpark` brings them back.
+async fn claim_skipping_busy(pool: &PgPool, req: &ClaimRequest<'_>) -> Result<Vec<ClaimedTask>> {
     let mut claimed = Vec::new();
     for round in 0..=CLAIM_BUSY_RETRIES {
         let last = round == CLAIM_BUSY_RETRIES;
-        let rows = sqlx::query(CLAIM_SQL)
+        let rows = sqlx::query(CLAIM_SKIP_BUSY_SQL)
             .bind(req.worker_id.to_string())
             .bind(req.limit - claimed.len() as i64)
             .bind(req.type_patterns.map(|p| p.to_vec()))
@@ -152,25 +217,7 @@ pub async fn claim(pool: &PgPool, req: &ClaimRequest<'_>) -> Result<Vec<ClaimedT
             .bind(last)
             .fetch_all(pool)
             .await?;
-        let mut skipped = false;
-        for r in rows {
-            if r.try_get::<bool, _>("skipped")? {
-                skipped = true;
-                continue;
-            }
-            claimed.push(ClaimedTask {
-                id: r.try_get("id")?,
-                workspace_id: r.try_get("workspace_id")?,
-                task_type: r.try_get("type")?,
-                input: r.try_get("input")?,
-                attempt: r.try_get("attempt")?,
-                max_attempts: r.try_get("max_attempts")?,
-                lease_token: r.try_get("lease_token")?,
-                ai_provider: r.try_get("ai_provider")?,
-                ai_model: r.try_get("ai_model")?,
-                ai_preferences: r.try_get("ai_preferences")?,
-            });
-        }
+        let skipped = claimed_rows(rows, &mut claimed)?;
         if !skipped || claimed.len() as i64 >= req.limit {
             break;
         }
@@ -181,10 +228,31 @@ pub async fn claim(pool: &PgPool, req: &ClaimRequest<'_>) -> Result<Vec<ClaimedT
     Ok(claimed)
 }
 
-/// How often a claim tries again, after 2, 4, 8 and 16 ms, when a workspace row was locked
-/// elsewhere: the engine's own locks on it last milliseconds. On the last try the tasks of a
-/// workspace still locked (a tenant's open transaction, say) are parked as `workspace_busy`
-/// and `unpark` brings them back, so they never hold the head of the queue.
+/// Reads the claim statement's rows into `claimed`; true when it reported a skipped workspace.
+fn claimed_rows(rows: Vec<sqlx::postgres::PgRow>, claimed: &mut Vec<ClaimedTask>) -> Result<bool> {
+    let mut skipped = false;
+    for r in rows {
+        if r.try_get::<bool, _>("skipped")? {
+            skipped = true;
+            continue;
+        }
+        claimed.push(ClaimedTask {
+            id: r.try_get("id")?,
+            workspace_id: r.try_get("workspace_id")?,
+            task_type: r.try_get("type")?,
+            input: r.try_get("input")?,
+            attempt: r.try_get("attempt")?,
+            max_attempts: r.try_get("max_attempts")?,
+            lease_token: r.try_get("lease_token")?,
+            ai_provider: r.try_get("ai_provider")?,
+            ai_model: r.try_get("ai_model")?,
+            ai_preferences: r.try_get("ai_preferences")?,
+        });
+    }
+    Ok(skipped)
+}
+
+/// How often a skipping claim tries again when a workspace row was locked elsewhere.
 const CLAIM_BUSY_RETRIES: u32 = 4;
 
 /// **Heartbeat** (worker): extends the leases this worker still holds and returns their ids.

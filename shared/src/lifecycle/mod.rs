@@ -53,7 +53,10 @@ mod reclaim;
 
 pub use admin::{cancel, retry};
 pub use admit::{ADMIT_SELECT_SQL, AdmitReport, NewTask, admit, admit_with_estimates, enqueue};
-pub use claim::{CLAIM_SQL, ClaimRequest, ClaimedTask, claim, heartbeat, lease_is_held};
+pub use claim::{
+    CLAIM_SKIP_BUSY_SQL, CLAIM_SQL, CLAIM_WORKSPACE_LOCK_WAIT, ClaimRequest, ClaimedTask, claim,
+    heartbeat, lease_is_held,
+};
 pub use finish::{Completion, Failure, FailureAction, finish_batch};
 pub use promote::{PROMOTE_SQL, UNPARK_SQL, parked_providers, promote, unpark, unpark_providers};
 pub use reclaim::{RECLAIM_SELECT_SQL, ReclaimReport, reclaim_expired, release};
