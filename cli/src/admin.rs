@@ -1,11 +1,11 @@
 //! The admin commands: migrate, enqueue, list, inspect, retry, cancel, stats.
 
 use anyhow::{Context, bail};
-use bizq::Config;
 use bizq::config::DependencyFailurePolicy;
 use bizq::db::{self, PoolSettings};
 use bizq::lifecycle::{self, NewTask};
 use bizq::queries;
+use bizq::{Config, TaskStatus};
 use clap::Args;
 use serde_json::Value;
 use sqlx::{PgPool, Row};
@@ -128,7 +128,7 @@ pub async fn enqueue(pool: &PgPool, a: EnqueueArgs) -> anyhow::Result<()> {
 pub struct ListArgs {
     /// Only this status (pending, queued, processing, completed, failed, cancelled, escalated).
     #[arg(long, short)]
-    status: Option<String>,
+    status: Option<TaskStatus>,
     /// Only this workspace (slug or id).
     #[arg(long, short)]
     workspace: Option<String>,
@@ -162,7 +162,7 @@ pub async fn list(pool: &PgPool, a: ListArgs) -> anyhow::Result<()> {
             "{:<36}  {:<16} {:<10} {:>3} {:>3}  {:<19}  {}",
             r.try_get::<Uuid, _>("id")?,
             r.try_get::<String, _>("type")?,
-            r.try_get::<String, _>("status")?,
+            r.try_get::<TaskStatus, _>("status")?,
             r.try_get::<i32, _>("priority")?,
             r.try_get::<i32, _>("attempt")?,
             created.format("%Y-%m-%d %H:%M:%S"),
@@ -197,7 +197,7 @@ pub async fn inspect(pool: &PgPool, id: Uuid) -> anyhow::Result<()> {
         row.try_get::<String, _>("type")?,
         row.try_get::<String, _>("name")?
     );
-    println!("status         {}", row.try_get::<String, _>("status")?);
+    println!("status         {}", row.try_get::<TaskStatus, _>("status")?);
     println!(
         "wait reason    {}",
         opt(row.try_get::<Option<String>, _>("wait_reason")?)
@@ -271,8 +271,8 @@ pub async fn cancel(pool: &PgPool, config: &Config, id: Uuid, reason: &str) -> a
     println!("task {id}: {was} -> cancelled");
     let policy = config.scheduler.dependency_failure;
     let became = match policy {
-        DependencyFailurePolicy::Cancel => "cancelled",
-        DependencyFailurePolicy::Escalate => "escalated",
+        DependencyFailurePolicy::Cancel => TaskStatus::Cancelled,
+        DependencyFailurePolicy::Escalate => TaskStatus::Escalated,
     };
     let dependents: i64 = sqlx::query_scalar(
         "SELECT count(*)

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use bizq::TaskStatus;
 use bizq::lifecycle::{self, NewTask};
 use clap::Args;
 use serde_json::{Value, json};
@@ -211,7 +212,7 @@ async fn behind_escalated(pool: &PgPool, ids: &[Uuid]) -> anyhow::Result<i64> {
     Ok(n)
 }
 
-async fn counts(pool: &PgPool, ids: &[Uuid]) -> anyhow::Result<BTreeMap<String, i64>> {
+async fn counts(pool: &PgPool, ids: &[Uuid]) -> anyhow::Result<BTreeMap<TaskStatus, i64>> {
     let rows =
         sqlx::query("SELECT status, count(*) AS n FROM tasks WHERE id = ANY($1) GROUP BY status")
             .bind(ids.to_vec())
@@ -219,25 +220,20 @@ async fn counts(pool: &PgPool, ids: &[Uuid]) -> anyhow::Result<BTreeMap<String, 
             .await?;
     let mut m = BTreeMap::new();
     for r in rows {
-        m.insert(r.try_get::<String, _>("status")?, r.try_get::<i64, _>("n")?);
+        m.insert(
+            r.try_get::<TaskStatus, _>("status")?,
+            r.try_get::<i64, _>("n")?,
+        );
     }
     Ok(m)
 }
 
-fn line(m: &BTreeMap<String, i64>) -> String {
-    [
-        "pending",
-        "queued",
-        "processing",
-        "completed",
-        "failed",
-        "cancelled",
-        "escalated",
-    ]
-    .iter()
-    .map(|s| format!("{s} {}", m.get(*s).copied().unwrap_or(0)))
-    .collect::<Vec<_>>()
-    .join(" | ")
+fn line(m: &BTreeMap<TaskStatus, i64>) -> String {
+    TaskStatus::ALL
+        .iter()
+        .map(|s| format!("{s} {}", m.get(s).copied().unwrap_or(0)))
+        .collect::<Vec<_>>()
+        .join(" | ")
 }
 
 /// Runs the demo. Its scheduler and workers use `fleet_config` (bizq's global `--config`) if
@@ -308,7 +304,13 @@ pub async fn run(
     );
 
     let started = Instant::now();
-    let terminal = ["completed", "failed", "cancelled", "escalated"];
+    // Done for the demo: final, or escalated (waiting for a person).
+    let terminal = [
+        TaskStatus::Completed,
+        TaskStatus::Failed,
+        TaskStatus::Cancelled,
+        TaskStatus::Escalated,
+    ];
     let mut last = String::new();
     let finished = loop {
         let m = counts(&pool, &planned.ids).await?;
@@ -319,7 +321,7 @@ pub async fn run(
         }
         let done: i64 = terminal
             .iter()
-            .map(|s| m.get(*s).copied().unwrap_or(0))
+            .map(|s| m.get(s).copied().unwrap_or(0))
             .sum::<i64>()
             + behind_escalated(&pool, &planned.ids).await?;
         if done as usize == planned.ids.len() {
@@ -352,9 +354,9 @@ pub async fn run(
     let mut notes = Vec::new();
     for r in &rows {
         let id: Uuid = r.try_get("id")?;
-        let status: String = r.try_get("status")?;
+        let status: TaskStatus = r.try_get("status")?;
         let attempt: i32 = r.try_get("attempt")?;
-        if status == "completed" {
+        if status == TaskStatus::Completed {
             *by_worker
                 .entry(
                     r.try_get::<Option<String>, _>("locked_by")?

@@ -17,7 +17,7 @@ pub enum Error {
     #[error("task {id} is {status}; {action} needs it to be one of: {expected}")]
     WrongStatus {
         id: uuid::Uuid,
-        status: String,
+        status: crate::TaskStatus,
         action: &'static str,
         expected: String,
     },

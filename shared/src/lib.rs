@@ -4,6 +4,7 @@
 //! to a terminal state. The crate is laid out the way a task travels:
 //!
 //! - [`db`]: connecting, and the embedded schema migrations.
+//! - [`task`]: the typed parts of a task row ([`TaskStatus`], [`ErrorDetails`]).
 //! - [`lifecycle`]: every status change of a task, each one named function beside its SQL.
 //! - [`scheduler`]: admits new tasks, promotes due ones, reclaims expired leases, housekeeping.
 //! - [`worker`]: claims tasks, runs handlers, heartbeats leases, writes results in batches.
@@ -33,9 +34,11 @@ pub mod queries;
 pub mod registry;
 pub mod retry;
 pub mod scheduler;
+pub mod task;
 pub mod task_types;
 pub mod worker;
 
 pub use config::Config;
 pub use error::{Error, Result};
+pub use task::{ErrorDetails, TaskStatus};
 pub mod signals;

@@ -12,6 +12,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::lifecycle::{ClaimedTask, Completion, Failure, FailureAction};
+use crate::task::TaskStatus;
 
 // Worker: tasks, by `type` and `plan`.
 pub const TASKS_CLAIMED: &str = "bizq_tasks_claimed_total";
@@ -449,12 +450,12 @@ pub async fn sample_queue(pool: &PgPool, ops: &crate::config::OpsConfig) -> crat
     .await?;
     let (pending, queued, processing, escalated, oldest, blocked, no_credits, inactive) = row;
     for (status, n) in [
-        ("pending", pending),
-        ("queued", queued),
-        ("processing", processing),
-        ("escalated", escalated),
+        (TaskStatus::Pending, pending),
+        (TaskStatus::Queued, queued),
+        (TaskStatus::Processing, processing),
+        (TaskStatus::Escalated, escalated),
     ] {
-        gauge!(QUEUE_DEPTH, "status" => status).set(n as f64);
+        gauge!(QUEUE_DEPTH, "status" => status.as_str()).set(n as f64);
     }
     gauge!(OLDEST_QUEUED).set(oldest.unwrap_or(0.0).max(0.0));
     gauge!(BLOCKED).set(blocked as f64);

@@ -1,6 +1,8 @@
 //! The reads of the admin commands (`bizq list`, `inspect`, `stats`), here so that the index
 //! tests EXPLAIN the very SQL `bizq` runs.
 
+use crate::TaskStatus;
+
 /// `bizq list`: `$1` status, `$2` workspace id, `$3` type (each NULL for any), `$4` limit;
 /// newest first.
 pub const LIST_SQL: &str = "SELECT id, type, status, priority, attempt, created_at,
@@ -68,7 +70,7 @@ pub const COMPLETED_ESTIMATE_SQL: &str =
 /// One line of the tasks-by-status count.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StatusCount {
-    pub status: String,
+    pub status: TaskStatus,
     pub n: i64,
     /// The planner's estimate rather than a count (only `completed`, above
     /// [`EXACT_COUNT_LIMIT`]).
@@ -79,13 +81,13 @@ pub struct StatusCount {
 /// `completed` above [`EXACT_COUNT_LIMIT`], which is the planner's estimate (flagged). Run
 /// inside a transaction after [`STATS_SETTINGS_SQL`].
 pub async fn status_counts(conn: &mut sqlx::PgConnection) -> crate::Result<Vec<StatusCount>> {
-    let rows: Vec<(String, i64)> = sqlx::query_as(STATS_BY_STATUS_SQL)
+    let rows: Vec<(TaskStatus, i64)> = sqlx::query_as(STATS_BY_STATUS_SQL)
         .bind(EXACT_COUNT_LIMIT + 1)
         .fetch_all(&mut *conn)
         .await?;
     let mut counts = Vec::with_capacity(rows.len());
     for (status, n) in rows {
-        if status == "completed" && n > EXACT_COUNT_LIMIT {
+        if status == TaskStatus::Completed && n > EXACT_COUNT_LIMIT {
             let plan: serde_json::Value = sqlx::query_scalar(COMPLETED_ESTIMATE_SQL)
                 .fetch_one(&mut *conn)
                 .await?;

@@ -11,7 +11,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::handlers::KNOWN_TYPES;
+use crate::handlers::Handlers;
 use crate::lifecycle::{self, AdmitReport, CHANNEL_PENDING, ReclaimReport};
 use crate::providers::Providers;
 use crate::{Result, housekeeping};
@@ -54,11 +54,12 @@ impl Scheduler {
         let started = Instant::now();
         let (admitted_before, reclaimed_before) = (stats.admitted.clone(), stats.reclaimed.clone());
         let sc = &self.config.scheduler;
+        let known_types = Handlers::shared().types();
         loop {
             let r = lifecycle::admit_with_estimates(
                 &self.pool,
                 sc.batch,
-                KNOWN_TYPES,
+                &known_types,
                 sc.dependency_failure,
                 self.providers.as_ref(),
             )

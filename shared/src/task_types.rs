@@ -4,19 +4,38 @@
 use sqlx::PgPool;
 
 use crate::Result;
-use crate::handlers::KNOWN_TYPES;
+use crate::handlers::Handlers;
 
 /// The `tasks.worker_type` a `bizq-worker` runs its handlers as.
 pub const WORKER_KIND: &str = "ai";
 
-/// Registers the handler types this worker serves (those its `LIKE` patterns match, or all
+/// Registers the built-in handlers' types ([`Handlers::builtin`]) this worker serves; see
+/// [`register_types`].
+pub async fn register(
+    pool: &PgPool,
+    type_patterns: Option<&[String]>,
+    worker_id: &str,
+    estimate_at_admission: bool,
+) -> Result<Vec<String>> {
+    register_types(
+        pool,
+        &Handlers::shared().types(),
+        type_patterns,
+        worker_id,
+        estimate_at_admission,
+    )
+    .await
+}
+
+/// Registers the handler types (`types`, a worker's registry) this worker serves (those its `LIKE` patterns match, or all
 /// for `None`) as served by [`WORKER_KIND`] workers, and returns them. From now on an insert
 /// of such a task, with no dependency, due now and affordable, is `queued` at once.
 ///
 /// `estimate_at_admission` (the worker prices AI models: `[models]` in its config) keeps tasks
 /// that come without an `estimated_cost` on the admission path, which estimates them.
-pub async fn register(
+pub async fn register_types(
     pool: &PgPool,
+    types: &[&str],
     type_patterns: Option<&[String]>,
     worker_id: &str,
     estimate_at_admission: bool,
@@ -34,12 +53,7 @@ pub async fn register(
                 registered_at = EXCLUDED.registered_at
          RETURNING type",
     )
-    .bind(
-        KNOWN_TYPES
-            .iter()
-            .map(|t| t.to_string())
-            .collect::<Vec<_>>(),
-    )
+    .bind(types.iter().map(|t| t.to_string()).collect::<Vec<_>>())
     .bind(type_patterns.map(|p| p.to_vec()))
     .bind(WORKER_KIND)
     .bind(worker_id.to_string())

@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
-use serde_json::json;
 use sqlx::PgPool;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -16,14 +15,14 @@ use uuid::Uuid;
 
 use crate::Result;
 use crate::config::Config;
-use crate::handlers::PROVIDER_PARKED;
-use crate::handlers::{self, TaskContext};
+use crate::handlers::{HandlerContext, Handlers, PROVIDER_PARKED, TaskContext, TaskError};
 use crate::lifecycle::{
     self, CHANNEL_CANCEL, CHANNEL_QUEUED, ClaimRequest, ClaimedTask, Completion, Failure,
     FailureAction,
 };
 use crate::providers::{Preferences, Providers, TaskErrorKind};
 use crate::retry::{self, jittered, pause_after_db_errors};
+use crate::task::ErrorDetails;
 use crate::task_types;
 
 /// Counts of what one worker process did, printed at exit.
@@ -89,6 +88,8 @@ pub struct Worker {
     pool: PgPool,
     config: Arc<Config>,
     providers: Providers,
+    /// Task type → handler.
+    handlers: Arc<Handlers>,
     worker_id: String,
     type_patterns: Option<Vec<String>>,
     live: Arc<crate::registry::Liveness>,
@@ -105,10 +106,17 @@ impl Worker {
             pool,
             config: Arc::new(config),
             providers,
+            handlers: Arc::new(Handlers::builtin()),
             worker_id,
             type_patterns,
             live: Arc::default(),
         })
+    }
+
+    /// Runs these handlers instead of the built-in ones (a product's own task types).
+    pub fn with_handlers(mut self, handlers: Handlers) -> Self {
+        self.handlers = Arc::new(handlers);
+        self
     }
 
     pub fn id(&self) -> &str {
@@ -127,8 +135,9 @@ impl Worker {
         self.providers.configure_budgets().await?;
         // Registered types let an INSERT queue its own task; without them (database not
         // reachable yet) tasks go through admission, as before, so this is not fatal.
-        match task_types::register(
+        match task_types::register_types(
             &self.pool,
+            &self.handlers.types(),
             self.type_patterns.as_deref(),
             &self.worker_id,
             !self.config.models.is_empty(),
@@ -337,6 +346,11 @@ impl Worker {
             );
         }
         let providers = self.providers.clone();
+        let handlers = self.handlers.clone();
+        let cx = HandlerContext {
+            providers: providers.clone(),
+            pool: self.pool.clone(),
+        };
         let config = self.config.clone();
         let results = results.clone();
         let span = tracing::info_span!("task", task = %task.id, workspace = %task.workspace_id);
@@ -344,6 +358,7 @@ impl Worker {
             let started = Instant::now();
             let ctx = TaskContext {
                 id: task.id,
+                workspace_id: task.workspace_id,
                 attempt: task.attempt,
                 task_type: task.task_type.clone(),
                 input: task.input.clone(),
@@ -352,11 +367,8 @@ impl Worker {
                 preferences: Preferences::from_json(task.ai_preferences.as_ref()),
             };
             let timeout = Duration::from_secs(config.worker.task_timeout_seconds);
-            let run = AssertUnwindSafe(tokio::time::timeout(
-                timeout,
-                handlers::run(&providers, &ctx),
-            ))
-            .catch_unwind();
+            let run = AssertUnwindSafe(tokio::time::timeout(timeout, handlers.run(&ctx, &cx)))
+                .catch_unwind();
             let result = tokio::select! {
                 r = run => Some(r),
                 _ = abort.cancelled() => None,
@@ -368,11 +380,11 @@ impl Worker {
             // Flatten catch_unwind(timeout(run)) into the handler's own Result.
             let result = result.map(|r| match r {
                 Ok(Ok(outcome)) => outcome,
-                Ok(Err(_elapsed)) => Err(handlers::TaskError::retryable(
+                Ok(Err(_elapsed)) => Err(TaskError::retryable(
                     "timeout",
                     format!("the handler did not finish within {} s", timeout.as_secs()),
                 )),
-                Err(_panic) => Err(handlers::TaskError::permanent(
+                Err(_panic) => Err(TaskError::permanent(
                     "handler_panicked",
                     "the handler panicked; see the worker's log",
                 )),
@@ -415,37 +427,29 @@ fn failure(
     providers: &Providers,
     task: &ClaimedTask,
     max_attempts: i32,
-    error: handlers::TaskError,
+    error: TaskError,
     elapsed_ms: i32,
 ) -> Failure {
-    let mut details = json!({
-        "message": error.message,
-        "code": error.code,
-        "attempt": task.attempt,
-        "max_attempts": max_attempts,
-        "retryable": error.is_retryable(),
-    });
-    if let Some(status) = error.http_status {
-        details["http_status"] = json!(status);
-    }
-    if let Some(body) = &error.body_excerpt {
-        details["body_excerpt"] = json!(body);
-    }
-    if let Some(id) = &error.request_id {
-        details["request_id"] = json!(id);
-    }
+    let mut details = ErrorDetails {
+        max_attempts: Some(max_attempts),
+        retryable: Some(error.is_retryable()),
+        http_status: error.http_status,
+        body_excerpt: error.body_excerpt.as_deref().map(String::from),
+        request_id: error.request_id.as_deref().map(String::from),
+        ..ErrorDetails::new(error.code, error.message.clone(), task.attempt)
+    };
     let max_wait = Duration::from_millis(config.retry.max_ms);
     let action = match &error.kind {
         TaskErrorKind::Retryable { retry_after } if task.attempt < max_attempts => {
             let d = retry::delay(&config.retry, task.attempt, *retry_after);
-            details["retry_in_ms"] = json!(d.as_millis() as u64);
+            details.retry_in_ms = Some(d.as_millis() as u64);
             FailureAction::Retry(d)
         }
         TaskErrorKind::Retryable { .. } => {
-            details["message"] = json!(format!(
+            details.message = format!(
                 "{} (gave up after {} attempts)",
                 error.message, task.attempt
-            ));
+            );
             FailureAction::Fail
         }
         TaskErrorKind::Permanent => FailureAction::Fail,
@@ -455,16 +459,16 @@ fn failure(
                 .to_std()
                 .unwrap_or(Duration::ZERO)
                 .min(max_wait);
-            details["code"] = json!("rate_limited");
-            details["reason"] = json!(reason);
-            details["until"] =
-                json!(chrono::Utc::now() + chrono::Duration::from_std(d).unwrap_or_default());
-            details["retry_in_ms"] = json!(d.as_millis() as u64);
+            details.code = "rate_limited".into();
+            details.reason = Some(reason.to_string());
+            details.until =
+                Some(chrono::Utc::now() + chrono::Duration::from_std(d).unwrap_or_default());
+            details.retry_in_ms = Some(d.as_millis() as u64);
             FailureAction::Snooze(d)
         }
         TaskErrorKind::ProviderUnavailable { provider } if error.code == PROVIDER_PARKED => {
             // Known to be parked: wait for the recorded park, do not extend it.
-            details["provider"] = json!(provider);
+            details.provider = Some(provider.clone());
             FailureAction::Park {
                 provider: provider.clone(),
                 park: None,
@@ -475,8 +479,8 @@ fn failure(
             let until =
                 chrono::Utc::now() + chrono::Duration::from_std(park_for).unwrap_or_default();
             providers.park(provider, until);
-            details["provider"] = json!(provider);
-            details["parked_until"] = json!(until);
+            details.provider = Some(provider.clone());
+            details.parked_until = Some(until);
             tracing::warn!(provider = %provider, code = %error.code, park_seconds = park_for.as_secs(),
                            "provider parked fleet-wide: {}", error.message);
             FailureAction::Park {

@@ -142,9 +142,7 @@ async fn fail_one(pool: &PgPool) -> anyhow::Result<Uuid> {
             id,
             lease_token,
             action: lifecycle::FailureAction::Fail,
-            error_details: json!({
-                "message": "provider said no", "code": "bad_input", "attempt": 1,
-            }),
+            error_details: bizq::ErrorDetails::new("bad_input", "provider said no", 1),
             processing_time_ms: 12,
         }],
     )

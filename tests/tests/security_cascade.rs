@@ -120,7 +120,7 @@ async fn a_long_chain_failing_does_not_fail_the_result_batch(pool: PgPool) -> an
             id: head,
             lease_token: token(head).expect("head claimed"),
             action: bizq::lifecycle::FailureAction::Fail,
-            error_details: serde_json::json!({"message": "boom", "code": "bad_request", "attempt": 1}),
+            error_details: bizq::ErrorDetails::new("bad_request", "boom", 1),
             processing_time_ms: 1,
         }],
     )

@@ -8,7 +8,7 @@ use axum::Form;
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use bizq::lifecycle;
+use bizq::{TaskStatus, lifecycle};
 use serde::Deserialize;
 use serde_json::json;
 use uuid::Uuid;
@@ -42,10 +42,19 @@ impl Action {
     }
 
     /// The statuses the lifecycle function accepts.
-    pub fn applies_to(self) -> &'static [&'static str] {
+    pub fn applies_to(self) -> &'static [TaskStatus] {
         match self {
-            Self::Retry => &["failed", "cancelled", "escalated"],
-            Self::Cancel => &["pending", "queued", "processing", "escalated"],
+            Self::Retry => &[
+                TaskStatus::Failed,
+                TaskStatus::Cancelled,
+                TaskStatus::Escalated,
+            ],
+            Self::Cancel => &[
+                TaskStatus::Pending,
+                TaskStatus::Queued,
+                TaskStatus::Processing,
+                TaskStatus::Escalated,
+            ],
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The dashboard's reads: every query behind its pages, and the task filter shared by the
 //! task list and the bulk actions.
 
+use bizq::TaskStatus;
 use chrono::{DateTime, NaiveDateTime, Utc};
 use serde::Deserialize;
 use serde_json::Value;
@@ -11,7 +12,7 @@ use uuid::Uuid;
 pub struct Overview {
     /// Every status, with its count and whether that count is the planner's estimate
     /// (`completed` above `queries::EXACT_COUNT_LIMIT`, as in `bizq stats`).
-    pub by_status: Vec<(String, i64, bool)>,
+    pub by_status: Vec<(TaskStatus, i64, bool)>,
     pub oldest_queued_s: Option<f64>,
     pub parked: Vec<(String, i64)>,
     pub blocked: i64,
@@ -19,16 +20,6 @@ pub struct Overview {
     /// (minutes ago, 0 = this minute .. 59, completed, failed)
     pub last_hour: Vec<(i32, i64, i64)>,
 }
-
-pub const STATUSES: [&str; 7] = [
-    "pending",
-    "queued",
-    "processing",
-    "completed",
-    "failed",
-    "cancelled",
-    "escalated",
-];
 
 pub async fn overview(pool: &PgPool) -> anyhow::Result<Overview> {
     let counts = {
@@ -40,15 +31,13 @@ pub async fn overview(pool: &PgPool) -> anyhow::Result<Overview> {
         tx.commit().await?;
         counts
     };
-    let by_status = STATUSES
-        .iter()
+    let by_status = TaskStatus::ALL
+        .into_iter()
         .map(|s| {
             counts
                 .iter()
-                .find(|c| c.status == *s)
-                .map_or((s.to_string(), 0, false), |c| {
-                    (s.to_string(), c.n, c.estimated)
-                })
+                .find(|c| c.status == s)
+                .map_or((s, 0, false), |c| (s, c.n, c.estimated))
         })
         .collect();
     let (oldest_queued_s, blocked, scheduled): (Option<f64>, i64, i64) = sqlx::query_as(
@@ -196,7 +185,7 @@ fn parse_time(s: &str) -> anyhow::Result<Option<DateTime<Utc>>> {
 /// The filter's values, checked: an unknown status or workspace is an error the page shows.
 pub struct Bound {
     pub workspace: Option<Uuid>,
-    pub status: Option<String>,
+    pub status: Option<TaskStatus>,
     pub task_type: Option<String>,
     pub since: Option<DateTime<Utc>>,
     pub until: Option<DateTime<Utc>>,
@@ -233,12 +222,13 @@ impl Filter {
     }
 
     pub async fn bind(&self, pool: &PgPool) -> anyhow::Result<Bound> {
-        let status = Some(self.status.trim().to_string()).filter(|s| !s.is_empty());
-        if let Some(s) = &status
-            && !STATUSES.contains(&s.as_str())
-        {
-            anyhow::bail!("unknown status '{s}'");
-        }
+        let status = match self.status.trim() {
+            "" => None,
+            s => Some(
+                s.parse::<TaskStatus>()
+                    .map_err(|_| anyhow::anyhow!("unknown status '{s}'"))?,
+            ),
+        };
         let workspace = match self.workspace.trim() {
             "" => None,
             w => Some(
@@ -288,7 +278,7 @@ pub struct TaskLine {
     pub slug: String,
     pub task_type: String,
     pub name: String,
-    pub status: String,
+    pub status: TaskStatus,
     pub priority: i32,
     pub attempt: i32,
     pub created_at: DateTime<Utc>,
@@ -307,7 +297,7 @@ pub async fn tasks(pool: &PgPool, f: &Bound, limit: i64) -> anyhow::Result<Vec<T
     );
     Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(f.workspace)
-        .bind(&f.status)
+        .bind(f.status)
         .bind(&f.task_type)
         .bind(f.since)
         .bind(f.until)
@@ -320,7 +310,7 @@ pub async fn tasks(pool: &PgPool, f: &Bound, limit: i64) -> anyhow::Result<Vec<T
 pub async fn matching_ids(
     pool: &PgPool,
     f: &Bound,
-    statuses: &[&str],
+    statuses: &[TaskStatus],
     cap: i64,
 ) -> anyhow::Result<Vec<Uuid>> {
     let sql = format!(
@@ -331,14 +321,13 @@ pub async fn matching_ids(
           ORDER BY t.created_at, t.id
           LIMIT $7"
     );
-    let statuses: Vec<String> = statuses.iter().map(|s| s.to_string()).collect();
     Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
         .bind(f.workspace)
-        .bind(&f.status)
+        .bind(f.status)
         .bind(&f.task_type)
         .bind(f.since)
         .bind(f.until)
-        .bind(statuses)
+        .bind(statuses.to_vec())
         .bind(cap)
         .fetch_all(pool)
         .await?)
@@ -352,7 +341,7 @@ pub struct TaskDetail {
     pub slug: String,
     pub task_type: String,
     pub name: String,
-    pub status: String,
+    pub status: TaskStatus,
     pub priority: i32,
     pub attempt: i32,
     pub max_attempts: Option<i32>,
@@ -393,7 +382,7 @@ pub async fn task(pool: &PgPool, id: Uuid) -> anyhow::Result<Option<TaskDetail>>
 }
 
 /// A linked task: (id, name, status).
-pub type Link = (Uuid, String, String);
+pub type Link = (Uuid, String, TaskStatus);
 
 /// What the task waits for, and what waits for it.
 pub async fn relatives(pool: &PgPool, id: Uuid) -> anyhow::Result<(Vec<Link>, Vec<Link>)> {

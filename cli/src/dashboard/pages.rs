@@ -4,6 +4,7 @@
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use bizq::TaskStatus;
 use chrono::{DateTime, Utc};
 use maud::{DOCTYPE, Markup, html};
 use serde::Deserialize;
@@ -11,7 +12,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::actions::{Action, BULK_CAP};
-use super::data::{self, Filter, STATUSES};
+use super::data::{self, Filter};
 use super::{App, PageError, Shared};
 
 fn layout(title: &str, refresh: bool, body: Markup) -> Markup {
@@ -69,7 +70,8 @@ fn pretty(v: &Option<Value>) -> String {
     }
 }
 
-fn status_badge(s: &str) -> Markup {
+fn status_badge(s: TaskStatus) -> Markup {
+    let s = s.as_str();
     html! { span class={ "status " (s) } { (s) } }
 }
 
@@ -171,13 +173,13 @@ pub async fn overview(State(app): State<Shared>) -> Result<Markup, PageError> {
         html! {
             section class="cards" {
                 @for (status, n, estimated) in &o.by_status {
-                    a class="card" href={ "/tasks?status=" (status) } {
+                    a class="card" href={ "/tasks?status=" (status.as_str()) } {
                         @if *estimated {
                             div class="n" title="estimated from the planner's statistics" { "~" (n) }
                         } @else {
                             div class="n" { (n) }
                         }
-                        (status_badge(status))
+                        (status_badge(*status))
                     }
                 }
             }
@@ -287,7 +289,7 @@ fn filter_form(f: &Filter) -> Markup {
             label { "status "
                 select name="status" {
                     option value="" { "any" }
-                    @for s in STATUSES { option value=(s) selected[f.status == s] { (s) } }
+                    @for s in TaskStatus::ALL.map(TaskStatus::as_str) { option value=(s) selected[f.status == s] { (s) } }
                 }
             }
             label { "type " input name="type" value=(f.task_type) placeholder="ai.generate"; }
@@ -337,7 +339,7 @@ pub async fn tasks(
                 @for t in &rows {
                     tr {
                         td { a href={ "/tasks/" (t.id) } { (t.name) } br; code class="id" { (t.id) } }
-                        td { (t.slug) } td { (t.task_type) } td { (status_badge(&t.status)) }
+                        td { (t.slug) } td { (t.task_type) } td { (status_badge(t.status)) }
                         td { (t.priority) } td { (t.attempt) } td { (ts(Some(t.created_at))) }
                         td { (opt(t.note.as_deref())) }
                     }
@@ -359,7 +361,7 @@ fn links(items: &[data::Link]) -> Markup {
         @if items.is_empty() { p { "none" } } @else {
             ul {
                 @for (id, name, status) in items {
-                    li { a href={ "/tasks/" (id) } { (name) } " " (status_badge(status)) " " code class="id" { (id) } }
+                    li { a href={ "/tasks/" (id) } { (name) } " " (status_badge(*status)) " " code class="id" { (id) } }
                 }
             }
         }
@@ -395,9 +397,9 @@ pub async fn task(
         html! {
             @if !q.note.is_empty() { p class="note" id="note" { (q.note) } }
             p class="actions" {
-                (status_badge(&t.status)) " "
-                @if Action::Retry.applies_to().contains(&t.status.as_str()) { (action_button(&app, t.id, Action::Retry)) }
-                @if Action::Cancel.applies_to().contains(&t.status.as_str()) { (action_button(&app, t.id, Action::Cancel)) }
+                (status_badge(t.status)) " "
+                @if Action::Retry.applies_to().contains(&t.status) { (action_button(&app, t.id, Action::Retry)) }
+                @if Action::Cancel.applies_to().contains(&t.status) { (action_button(&app, t.id, Action::Cancel)) }
             }
             div class="task-grid" {
             div {
@@ -405,7 +407,7 @@ pub async fn task(
                 tr { th { "id" } td { code { (t.id) } } }
                 tr { th { "workspace" } td { a href={ "/tasks?workspace=" (t.slug) } { (t.slug) } " " code class="id" { (t.workspace_id) } } }
                 tr { th { "type" } td { (t.task_type) } }
-                tr { th { "status" } td { span id="status" { (t.status) } @if let Some(w) = &t.wait_reason { " (" (w) ")" } } }
+                tr { th { "status" } td { span id="status" { (t.status.as_str()) } @if let Some(w) = &t.wait_reason { " (" (w) ")" } } }
                 tr { th { "priority" } td { (t.priority) } }
                 tr { th { "attempt" } td { (t.attempt) " of " (opt(t.max_attempts)) } }
                 tr { th { "worker / lease" } td { (opt(t.locked_by.as_deref())) ", until " (ts(t.lease_expires_at)) } }
