@@ -248,7 +248,8 @@ async fn the_providers_scenario_prints_what_the_stand_in_counted(
     );
 
     // Concurrency.
-    let peak = number_after(line(&out, "calls in flight at the stand-in"), "peak");
+    let peak = number_after(line(&out, "calls in flight at the stand-in, peak"), "peak");
+    let mean = number_after(line(&out, "calls in flight at the stand-in, mean"), "mean");
     let tasks_per_s = number_after(line(&out, "tasks/s (first insert"), "completion)");
     let rss = number_after(line(&out, "worker peak RSS"), "(VmHWM)");
     let conc = out
@@ -269,6 +270,10 @@ async fn the_providers_scenario_prints_what_the_stand_in_counted(
         "{conc}"
     );
     assert_eq!(peak, CONCURRENCY, "every task claimable at once:\n{out}");
+    assert!(
+        mean > 0.0 && mean <= peak,
+        "mean {mean} in flight, peak {peak}"
+    );
     assert!(
         (tasks_per_s - TASKS as f64 / span).abs() <= 1.0,
         "{tasks_per_s} tasks/s, the database says {TASKS} in {span} s"
