@@ -1,5 +1,4 @@
-//! Starting and stopping `bizq-scheduler` / `bizq-worker` child processes for the demo and
-//! the benchmark.
+//! Starting and stopping `bizq-scheduler` / `bizq-worker` child processes for the demo.
 
 use std::path::Path;
 use std::process::Stdio;

@@ -1,8 +1,7 @@
 //! `bizq`: the admin CLI — migrate, enqueue, list, inspect, retry, cancel, stats, providers,
-//! workers, credentials — the web dashboard, the local demo and the benchmark.
+//! workers, credentials — the web dashboard and the local demo (the benchmark is `bizq-bench`).
 
 mod admin;
-mod bench;
 mod credentials;
 mod dashboard;
 mod demo;
@@ -88,8 +87,6 @@ enum Command {
     /// transient failures), or with --config when given as a flag ($BIZQ_CONFIG alone does not
     /// replace it).
     Demo(demo::DemoArgs),
-    /// Measure throughput and latency against raw SQL through pgbench (see README).
-    Bench(bench::BenchArgs),
     /// Keep the store-credentials key in the database, or rotate it (README "Security model").
     #[command(subcommand)]
     Credentials(credentials::CredentialsCommand),
@@ -120,13 +117,6 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli, config_flag: bool) -> anyhow::Result<()> {
-    if let Command::Bench(a) = &cli.command
-        && let Some(script) = bench::requested_script(a)
-    {
-        // Printing the pgbench script needs no database.
-        print!("{script}");
-        return Ok(());
-    }
     let url = bizq::config::database_url(cli.database_url)?;
     let config = || bizq::Config::load(cli.config.as_deref());
     match cli.command {
@@ -152,8 +142,6 @@ async fn run(cli: Cli, config_flag: bool) -> anyhow::Result<()> {
         }
         // Only a --config typed on the command line replaces the demo's own config.
         Command::Demo(a) => demo::run(&url, cli.config.as_deref().filter(|_| config_flag), a).await,
-        // The benchmark writes its own config for the fleets it starts.
-        Command::Bench(a) => bench::run(&url, a).await,
         Command::Credentials(c) => credentials::run(&admin::pool(&url, &config()?).await?, c).await,
     }
 }

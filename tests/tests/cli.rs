@@ -921,43 +921,6 @@ async fn stats_counts_tasks_by_status_and_shows_credits(pool: PgPool) -> anyhow:
     Ok(())
 }
 
-/// Pins `bizq bench --print-pgbench-script`: it needs no database, and the script it prints
-/// is the real lifecycle — run against a database where a worker registered `ai.generate`
-/// (so the INSERT queued the task, migration 0012), it claims, completes and charges it.
-#[sqlx::test(migrations = "../migrations")]
-async fn bench_prints_a_pgbench_script_that_runs_the_lifecycle(pool: PgPool) -> anyhow::Result<()> {
-    let script = bizq_env(&[], &["bench", "--print-pgbench-script"])
-        .await
-        .ok();
-    assert!(
-        script.contains("BEGIN;\n") && script.ends_with("COMMIT;\n"),
-        "{script}"
-    );
-    assert!(
-        !script.contains('$'),
-        "no unbound parameters left:\n{script}"
-    );
-
-    let (ws, slug) = workspace_slug(&pool).await?;
-    bizq::task_types::register(&pool, None, "test", false).await?;
-    let id = enqueue(&pool, &["-w", &slug, "-i", r#"{"prompt": "bench"}"#]).await?;
-    // The script is bizq's own output with pgbench's client variable bound to 1.
-    sqlx::raw_sql(sqlx::AssertSqlSafe(script.replace(":client_id", "1")))
-        .execute(&pool)
-        .await?;
-    let (st, cost, locked_by): (String, Option<i32>, Option<String>) =
-        sqlx::query_as("SELECT status, actual_cost, locked_by FROM tasks WHERE id = $1")
-            .bind(id)
-            .fetch_one(&pool)
-            .await?;
-    assert_eq!(st, "completed");
-    assert_eq!(locked_by.as_deref(), Some("pgbench-1"));
-    let cost = cost.expect("an actual cost");
-    let c = credits(&pool, ws).await?;
-    assert_eq!((c.balance, c.reserved, c.used), (1000 - cost, 0, cost));
-    Ok(())
-}
-
 /// Pins `bizq demo` under `scheduler.dependency_failure = "escalate"`: the demo's failing
 /// step escalates its dependents and their own dependents wait for a person. The demo counts
 /// those as settled and says why, instead of waiting for its timeout and failing.
@@ -1019,7 +982,6 @@ async fn help_names_every_command_and_where_the_database_and_config_come_from() 
         "cancel",
         "stats",
         "demo",
-        "bench",
         "--database-url",
         "DATABASE_URL",
         "--config",

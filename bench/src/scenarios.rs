@@ -1,5 +1,5 @@
-//! `bizq bench`: the figures quoted in the README, measured in one run so they compare as
-//! ratios on a noisy machine.
+//! The scenarios of `bizq-bench`: the figures quoted in the README, measured in one run so
+//! they compare as ratios on a noisy machine.
 //!
 //! 1. End to end: N tasks inserted (queued by the insert itself), the clock runs until the last is `completed`
 //!    (mock provider at 0 ms), with 1, 2 and 4 worker processes and one scheduler. Rounds of
@@ -17,6 +17,8 @@
 //!    machine's cores.
 //! 6. Dashboards: `workspace_dashboard`, `task_performance`, `bizq list -w … -s failed` and
 //!    `bizq stats` on a million finished tasks, before 0012 and after.
+//! 7. Providers: the worker's real OpenAI client against a stand-in server in this process,
+//!    under a fleet-wide rate budget and at high concurrency (`providers.rs`).
 //!
 //! Each scenario runs in fresh databases named `bizq_bench*` beside the one `DATABASE_URL`
 //! names.
@@ -27,64 +29,87 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use bizq::lifecycle::{self, CLAIM_SQL, ClaimRequest};
 use clap::Args;
+use clap::builder::TypedValueParser as _;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{PgPool, Row};
 
 use crate::fleet;
 
-/// `bizq bench`.
+/// The benchmark's options.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     /// Tasks per end-to-end run.
     #[arg(long, default_value_t = 100_000)]
-    tasks: i64,
+    pub(crate) tasks: i64,
     /// Worker process counts for the end-to-end runs.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
-    workers: Vec<usize>,
+    pub(crate) workers: Vec<usize>,
     /// Rounds of the end-to-end and raw-SQL runs, alternating; medians are printed.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
-    rounds: u32,
+    pub(crate) rounds: u32,
     /// Tasks inserted one by one for the pickup-latency figure.
     #[arg(long, default_value_t = 300)]
-    latency_samples: usize,
+    pub(crate) latency_samples: usize,
     /// Queued tasks behind the claimable ones in the "deep queue" claim run.
     #[arg(long, default_value_t = 1_000_000)]
-    deep_queue: i64,
+    pub(crate) deep_queue: i64,
     /// Tasks blocked on an unfinished dependency in the "blocked" claim run.
     #[arg(long, default_value_t = 100_000)]
-    blocked: i64,
+    pub(crate) blocked: i64,
     /// Claims measured per claim round.
     #[arg(long, default_value_t = 20_000)]
-    claims: i64,
+    pub(crate) claims: i64,
     /// Claim rounds per scenario; the median is printed.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
-    claim_rounds: u32,
+    pub(crate) claim_rounds: u32,
     /// Tasks per round of the "floor" scenario (bulk statements, one backend).
     #[arg(long, default_value_t = 50_000, value_parser = clap::value_parser!(i64).range(1..))]
-    floor_tasks: i64,
+    pub(crate) floor_tasks: i64,
     /// Rounds of the "floor" scenario; the median of each phase is printed.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
-    floor_rounds: u32,
+    pub(crate) floor_rounds: u32,
     /// Finished tasks (over 100 workspaces) in the "dashboard" scenario.
     #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(i64).range(1..))]
-    dashboard_tasks: i64,
+    pub(crate) dashboard_tasks: i64,
     /// pgbench clients (each one claims and completes in a loop, like a worker).
     #[arg(long, default_value_t = 4)]
-    pgbench_clients: usize,
-    /// Scenarios to run, comma separated: e2e, latency, claim, pgbench, floor, dashboard.
+    pub(crate) pgbench_clients: usize,
+    /// Seconds of each "providers" rate-budget run, from the stand-in's first call.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub(crate) provider_seconds: u64,
+    /// The stand-in provider's fleet-wide `rpm` in the "providers" rate-budget runs.
+    #[arg(long, default_value_t = 6000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub(crate) provider_rpm: u64,
+    /// The stand-in's latency in the "providers" rate-budget runs, ms.
+    #[arg(long, default_value_t = 100)]
+    pub(crate) provider_latency_ms: u64,
+    /// `worker.concurrency` of each worker in the "providers" rate-budget runs.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..).map(|n| n as usize))]
+    pub(crate) provider_worker_concurrency: usize,
+    /// `worker.concurrency` of the one worker in the "providers" concurrency run.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..).map(|n| n as usize))]
+    pub(crate) provider_concurrency: usize,
+    /// The stand-in's latency in the "providers" concurrency run, ms.
+    #[arg(long, default_value_t = 2000)]
+    pub(crate) provider_slow_latency_ms: u64,
+    /// Tasks of the "providers" concurrency run.
+    #[arg(long, default_value_t = 30_000, value_parser = clap::value_parser!(i64).range(1..))]
+    pub(crate) provider_tasks: i64,
+    /// Scenarios to run, comma separated: e2e, latency, claim, pgbench, floor, dashboard,
+    /// providers.
     #[arg(
         long,
         value_delimiter = ',',
-        value_parser = ["e2e", "latency", "claim", "pgbench", "floor", "dashboard"],
-        default_value = "e2e,latency,claim,pgbench,floor,dashboard"
+        value_parser = ["e2e", "latency", "claim", "pgbench", "floor", "dashboard", "providers"],
+        default_value = "e2e,latency,claim,pgbench,floor,dashboard,providers"
     )]
-    only: Vec<String>,
+    pub(crate) only: Vec<String>,
     /// Print the pgbench script (the raw-SQL lifecycle) and exit.
     #[arg(long)]
-    print_pgbench_script: bool,
+    pub(crate) print_pgbench_script: bool,
     /// Write the worker/scheduler logs here (default: discarded).
     #[arg(long)]
-    logs: Option<std::path::PathBuf>,
+    pub(crate) logs: Option<std::path::PathBuf>,
 }
 
 const BENCH_CONFIG: &str = r#"
@@ -115,7 +140,7 @@ async fn admin_pool(base: &PgConnectOptions) -> anyhow::Result<PgPool> {
 }
 
 /// Creates (or recreates) the database `name` beside `url`'s and returns its URL and a pool.
-async fn fresh_db_named(url: &str, name: &str) -> anyhow::Result<(String, PgPool)> {
+pub(crate) async fn fresh_db_named(url: &str, name: &str) -> anyhow::Result<(String, PgPool)> {
     fresh_db_with(url, name, Schema::Lean).await
 }
 
@@ -214,7 +239,7 @@ fn with_database(url: &str, db: &str) -> String {
 }
 
 /// Eight workspaces with plenty of credits; tasks are spread over them.
-async fn workspaces(pool: &PgPool) -> anyhow::Result<()> {
+pub(crate) async fn workspaces(pool: &PgPool) -> anyhow::Result<()> {
     sqlx::query(
         "INSERT INTO workspaces (name, slug, credits_balance, monthly_credit_limit)
          SELECT 'bench ' || g, 'bench-' || g, 1000000000, 2000000000 FROM generate_series(1, 8) g",
@@ -259,7 +284,7 @@ async fn insert_tasks(
 }
 
 /// From the first task's insert to the last completion, by the rows' own timestamps.
-async fn span_seconds(pool: &PgPool) -> anyhow::Result<f64> {
+pub(crate) async fn span_seconds(pool: &PgPool) -> anyhow::Result<f64> {
     Ok(sqlx::query_scalar(
         "SELECT EXTRACT(EPOCH FROM max(completed_at) - min(created_at))::float8 FROM tasks",
     )
@@ -276,7 +301,7 @@ async fn count(pool: &PgPool, status: &str) -> anyhow::Result<i64> {
     )
 }
 
-fn log_path(args: &BenchArgs, name: &str) -> Option<std::path::PathBuf> {
+pub(crate) fn log_path(args: &BenchArgs, name: &str) -> Option<std::path::PathBuf> {
     args.logs.as_ref().map(|d| d.join(format!("{name}.log")))
 }
 
@@ -436,7 +461,7 @@ async fn claim_rate(pool: &PgPool, args: &BenchArgs) -> anyhow::Result<f64> {
 const CLAIM_DBS: [&str; 3] = ["bizq_bench_empty", "bizq_bench_deep", "bizq_bench_blocked"];
 
 /// Median of a list of rates (NaN when empty).
-fn median(xs: &[f64]) -> f64 {
+pub(crate) fn median(xs: &[f64]) -> f64 {
     let mut xs = xs.to_vec();
     xs.sort_by(f64::total_cmp);
     let n = xs.len();
@@ -935,7 +960,7 @@ pub async fn run(url: &str, args: BenchArgs) -> anyhow::Result<()> {
     let config = dir.join("bench.toml");
     std::fs::write(&config, BENCH_CONFIG)?;
     println!(
-        "bizq bench: {}; {} tasks end to end, mock provider at 0 ms, one scheduler per run",
+        "bizq-bench: {}; {} tasks end to end, mock provider at 0 ms, one scheduler per run",
         args.only.join(", "),
         args.tasks
     );
@@ -1093,6 +1118,10 @@ pub async fn run(url: &str, args: BenchArgs) -> anyhow::Result<()> {
                 lean[k] / seed[k]
             );
         }
+    }
+    if run("providers") {
+        eprintln!("providers against a stand-in server ...");
+        crate::providers::run(url, &args, &dir).await?;
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
