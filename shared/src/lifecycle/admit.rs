@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
-use super::{CHANNEL_QUEUED, is_statement_error, notify, set_aside};
+use super::{CHANNEL_QUEUED, end_transaction, is_statement_error, notify, set_aside};
 use crate::Result;
 use crate::config::DependencyFailurePolicy;
 use crate::handlers::{EstimateRequest, Handlers};
@@ -199,6 +199,7 @@ async fn admit_batch(
     providers: Option<&crate::providers::Providers>,
 ) -> Result<AdmitReport> {
     let mut tx = pool.begin().await?;
+    let result: Result<AdmitReport> = async {
     let rows = sqlx::query(ADMIT_SELECT_SQL)
         .bind(batch)
         .bind(only)
@@ -597,6 +598,8 @@ async fn admit_batch(
     if queued > 0 {
         notify(&mut tx, CHANNEL_QUEUED).await?;
     }
-    tx.commit().await?;
     Ok(report)
+    }
+    .await;
+    end_transaction(tx, result).await
 }

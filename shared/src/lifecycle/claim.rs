@@ -7,6 +7,7 @@ use serde_json::Value;
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
+use super::end_transaction;
 use crate::{Error, Result};
 
 /// A task a worker holds.
@@ -184,22 +185,25 @@ pub const CLAIM_WORKSPACE_LOCK_WAIT: Duration = Duration::from_millis(100);
 /// [`CLAIM_SQL`] in a transaction whose `lock_timeout` bounds the wait for workspace rows.
 async fn claim_waiting(pool: &PgPool, req: &ClaimRequest<'_>) -> Result<Vec<ClaimedTask>> {
     let mut tx = pool.begin().await?;
-    sqlx::query("SELECT set_config('lock_timeout', $1, true)")
-        .bind(format!("{}ms", CLAIM_WORKSPACE_LOCK_WAIT.as_millis()))
-        .execute(&mut *tx)
-        .await?;
-    let rows = sqlx::query(CLAIM_SQL)
-        .bind(req.worker_id.to_string())
-        .bind(req.limit)
-        .bind(req.type_patterns.map(|p| p.to_vec()))
-        .bind(req.lease.as_millis() as i64)
-        .bind(false)
-        .fetch_all(&mut *tx)
-        .await?;
-    let mut claimed = Vec::with_capacity(rows.len());
-    claimed_rows(rows, &mut claimed)?;
-    tx.commit().await?;
-    Ok(claimed)
+    let result: Result<Vec<ClaimedTask>> = async {
+        sqlx::query("SELECT set_config('lock_timeout', $1, true)")
+            .bind(format!("{}ms", CLAIM_WORKSPACE_LOCK_WAIT.as_millis()))
+            .execute(&mut *tx)
+            .await?;
+        let rows = sqlx::query(CLAIM_SQL)
+            .bind(req.worker_id.to_string())
+            .bind(req.limit)
+            .bind(req.type_patterns.map(|p| p.to_vec()))
+            .bind(req.lease.as_millis() as i64)
+            .bind(false)
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut claimed = Vec::with_capacity(rows.len());
+        claimed_rows(rows, &mut claimed)?;
+        Ok(claimed)
+    }
+    .await;
+    end_transaction(tx, result).await
 }
 
 /// [`CLAIM_SKIP_BUSY_SQL`], tried again after 2, 4, 8 and 16 ms while some workspace row is

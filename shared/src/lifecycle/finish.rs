@@ -7,7 +7,9 @@ use serde_json::Value;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::{CHANNEL_PENDING, is_statement_error, isolate_rows, lock_for_update, notify};
+use super::{
+    CHANNEL_PENDING, end_transaction, is_statement_error, isolate_rows, lock_for_update, notify,
+};
 use crate::Result;
 use crate::task::{ErrorDetails, TaskStatus};
 
@@ -167,6 +169,7 @@ async fn finish_rows(
         details.push(Some(f.error_details.to_json()));
     }
     let mut tx = pool.begin().await?;
+    let result: Result<Vec<Uuid>> = async {
     lock_for_update(&mut tx, &ids).await?;
     let written: Vec<Uuid> = sqlx::query_scalar(
         "UPDATE tasks t
@@ -230,6 +233,8 @@ async fn finish_rows(
     if failures.iter().any(Failure::requeues) {
         notify(&mut tx, CHANNEL_PENDING).await?;
     }
-    tx.commit().await?;
     Ok(written)
+    }
+    .await;
+    end_transaction(tx, result).await
 }

@@ -81,6 +81,29 @@ pub(super) fn is_statement_error(e: &Error) -> bool {
     matches!(e, Error::Database(db) if db.as_database_error().is_some())
 }
 
+/// Ends a batch's transaction by its `result`: commits on success; on failure rolls back
+/// *before* the error goes up. A dropped `Transaction` only queues its `ROLLBACK` for the
+/// connection's next use, so the row locks of the failed batch would outlive it on an idle
+/// pooled connection, and the row-by-row fallback, which takes its rows with `SKIP LOCKED`,
+/// would silently skip the very rows it must retry or set aside.
+pub(super) async fn end_transaction<T>(
+    tx: sqlx::Transaction<'_, sqlx::Postgres>,
+    result: Result<T>,
+) -> Result<T> {
+    match result {
+        Ok(v) => {
+            tx.commit().await?;
+            Ok(v)
+        }
+        Err(e) => {
+            if let Err(rollback) = tx.rollback().await {
+                tracing::warn!(error = %rollback, "rollback after a failed batch failed; the connection is dropped");
+            }
+            Err(e)
+        }
+    }
+}
+
 /// A task that fails a statement on its own is taken out of the engine's way: `failed`, with
 /// the database's message in `error_details`, so no batch selects it again. If even that
 /// write fails, the task is logged and left alone.

@@ -4,7 +4,9 @@
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::{CHANNEL_QUEUED, is_statement_error, isolate_rows, lock_for_update, notify};
+use super::{
+    CHANNEL_QUEUED, end_transaction, is_statement_error, isolate_rows, lock_for_update, notify,
+};
 use crate::Result;
 use crate::task::TaskStatus;
 
@@ -122,6 +124,7 @@ async fn reclaim_pass(
 ) -> Result<ReclaimReport> {
     let (types, maxes): (Vec<String>, Vec<i32>) = max_attempts_by_type.iter().cloned().unzip();
     let mut tx = pool.begin().await?;
+    let result: Result<ReclaimReport> = async {
     let expired: Vec<Uuid> = sqlx::query_scalar(RECLAIM_SELECT_SQL)
         .bind(batch)
         .bind(only)
@@ -170,6 +173,8 @@ async fn reclaim_pass(
     if report.requeued > 0 {
         notify(&mut tx, CHANNEL_QUEUED).await?;
     }
-    tx.commit().await?;
     Ok(report)
+    }
+    .await;
+    end_transaction(tx, result).await
 }
