@@ -1,7 +1,6 @@
 //! `bizq-bench`: the benchmark quoted in the README (the scenarios are in `scenarios.rs` and
 //! `providers.rs`), kept out of the operator's `bizq` CLI.
 
-mod fleet;
 mod providers;
 mod scenarios;
 mod stand_in;

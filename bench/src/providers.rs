@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use sqlx::PgPool;
 
-use crate::fleet;
 use crate::scenarios::{self, BenchArgs, median};
 use crate::stand_in::{COMPLETION_TOKENS, Seen, StandIn};
+use bizq::fleet;
 
 /// The rate runs' database (recreated for each run).
 pub const RATE_DB: &str = "bizq_bench_providers";
@@ -130,11 +130,12 @@ async fn start_fleet(
         &bench_url,
         &path,
         &[],
+        &[],
         scenarios::log_path(args, &format!("{label}-scheduler")).as_deref(),
     )?];
     for i in 0..workers {
         let name = format!("{label}-worker-{i}");
-        members.push(fleet::spawn_env(
+        members.push(fleet::spawn(
             "worker",
             &name,
             &bench_url,

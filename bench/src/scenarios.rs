@@ -33,7 +33,7 @@ use clap::builder::TypedValueParser as _;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{PgPool, Row};
 
-use crate::fleet;
+use bizq::fleet;
 
 /// The benchmark's options.
 #[derive(Args, Debug)]
@@ -319,6 +319,7 @@ async fn end_to_end(
         &bench_url,
         config,
         &[],
+        &[],
         log_path(args, "e2e-scheduler").as_deref(),
     )?];
     for i in 0..workers {
@@ -328,6 +329,7 @@ async fn end_to_end(
             &name,
             &bench_url,
             config,
+            &[],
             &[],
             log_path(args, &name).as_deref(),
         )?);
@@ -386,6 +388,7 @@ async fn pickup_latency(
             &bench_url,
             config,
             &[],
+            &[],
             log_path(args, "latency-scheduler").as_deref(),
         )?,
         fleet::spawn(
@@ -393,6 +396,7 @@ async fn pickup_latency(
             "worker",
             &bench_url,
             config,
+            &[],
             &[],
             log_path(args, "latency-worker").as_deref(),
         )?,

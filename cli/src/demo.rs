@@ -13,7 +13,8 @@ use serde_json::{Value, json};
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
-use crate::{admin, fleet};
+use crate::admin;
+use bizq::fleet;
 
 const DEMO_CONFIG: &str = include_str!("../../config/demo.toml");
 
@@ -279,6 +280,7 @@ pub async fn run(
             url,
             &config_path,
             &[],
+            &[],
             Some(&dir.join("scheduler.log")),
         )?,
         fleet::spawn(
@@ -287,6 +289,7 @@ pub async fn run(
             url,
             &config_path,
             &["--id", "demo-worker-1"],
+            &[],
             Some(&dir.join("worker-1.log")),
         )?,
         fleet::spawn(
@@ -295,6 +298,7 @@ pub async fn run(
             url,
             &config_path,
             &["--id", "demo-worker-2"],
+            &[],
             Some(&dir.join("worker-2.log")),
         )?,
     ];

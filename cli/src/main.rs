@@ -5,7 +5,6 @@ mod admin;
 mod credentials;
 mod dashboard;
 mod demo;
-mod fleet;
 mod workers;
 
 use std::path::PathBuf;

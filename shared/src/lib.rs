@@ -21,6 +21,7 @@
 pub mod config;
 pub mod db;
 pub mod error;
+pub mod fleet;
 pub mod handlers;
 pub mod health;
 pub mod housekeeping;
