@@ -214,7 +214,7 @@ pub async fn housekeep(pool: &PgPool, ops: &OpsConfig) {
 }
 
 /// One row of `bizq workers` (and the dashboard).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct WorkerRow {
     pub id: String,
     pub role: String,
@@ -237,7 +237,7 @@ pub struct WorkerRow {
 /// Every registered process, schedulers first, then by id; `state` is `lost` for rows not
 /// seen for `ops.worker_lost_after_seconds`.
 pub async fn list(pool: &PgPool, ops: &OpsConfig) -> Result<Vec<WorkerRow>> {
-    let rows: Vec<WorkerRowTuple> = sqlx::query_as(
+    let rows: Vec<WorkerRow> = sqlx::query_as(
         "SELECT id, role, host, pid, version, types, concurrency, in_flight,
                 CASE WHEN last_seen_at < now() - $1::bigint * interval '1 second' THEN 'lost'
                      ELSE state END AS state,
@@ -249,60 +249,8 @@ pub async fn list(pool: &PgPool, ops: &OpsConfig) -> Result<Vec<WorkerRow>> {
     .bind(ops.worker_lost_after_seconds.min(i64::MAX as u64) as i64)
     .fetch_all(pool)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(
-            |(
-                id,
-                role,
-                host,
-                pid,
-                version,
-                types,
-                concurrency,
-                in_flight,
-                state,
-                metrics_addr,
-                started_at,
-                last_seen_at,
-                last_claim_at,
-                seen_ago_s,
-            )| WorkerRow {
-                id,
-                role,
-                host,
-                pid,
-                version,
-                types,
-                concurrency,
-                in_flight,
-                state,
-                metrics_addr,
-                started_at,
-                last_seen_at,
-                last_claim_at,
-                seen_ago_s,
-            },
-        )
-        .collect())
+    Ok(rows)
 }
-
-type WorkerRowTuple = (
-    String,
-    String,
-    String,
-    i32,
-    String,
-    Vec<String>,
-    i32,
-    i32,
-    String,
-    Option<String>,
-    DateTime<Utc>,
-    DateTime<Utc>,
-    Option<DateTime<Utc>>,
-    f64,
-);
 
 /// A registered process: its heartbeat runs until [`Presence::leave`].
 pub struct Presence {
