@@ -190,12 +190,7 @@ async fn claim_waiting(pool: &PgPool, req: &ClaimRequest<'_>) -> Result<Vec<Clai
             .bind(format!("{}ms", CLAIM_WORKSPACE_LOCK_WAIT.as_millis()))
             .execute(&mut *tx)
             .await?;
-        let rows = sqlx::query(CLAIM_SQL)
-            .bind(req.worker_id.to_string())
-            .bind(req.limit)
-            .bind(req.type_patterns.map(|p| p.to_vec()))
-            .bind(req.lease.as_millis() as i64)
-            .bind(false)
+        let rows = claim_query(CLAIM_SQL, req, req.limit, false)
             .fetch_all(&mut *tx)
             .await?;
         let mut claimed = Vec::with_capacity(rows.len());
@@ -213,14 +208,14 @@ async fn claim_skipping_busy(pool: &PgPool, req: &ClaimRequest<'_>) -> Result<Ve
     let mut claimed = Vec::new();
     for round in 0..=CLAIM_BUSY_RETRIES {
         let last = round == CLAIM_BUSY_RETRIES;
-        let rows = sqlx::query(CLAIM_SKIP_BUSY_SQL)
-            .bind(req.worker_id.to_string())
-            .bind(req.limit - claimed.len() as i64)
-            .bind(req.type_patterns.map(|p| p.to_vec()))
-            .bind(req.lease.as_millis() as i64)
-            .bind(last)
-            .fetch_all(pool)
-            .await?;
+        let rows = claim_query(
+            CLAIM_SKIP_BUSY_SQL,
+            req,
+            req.limit - claimed.len() as i64,
+            last,
+        )
+        .fetch_all(pool)
+        .await?;
         let skipped = claimed_rows(rows, &mut claimed)?;
         if !skipped || claimed.len() as i64 >= req.limit {
             break;
@@ -230,6 +225,22 @@ async fn claim_skipping_busy(pool: &PgPool, req: &ClaimRequest<'_>) -> Result<Ve
         }
     }
     Ok(claimed)
+}
+
+/// One of the two claim statements with its parameters bound: `limit` tasks at most, and
+/// whether to park the tasks of a workspace whose row is skipped (`$5`).
+fn claim_query<'q>(
+    sql: &'static str,
+    req: &ClaimRequest<'_>,
+    limit: i64,
+    park_busy: bool,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    sqlx::query(sql)
+        .bind(req.worker_id.to_string())
+        .bind(limit)
+        .bind(req.type_patterns.map(|p| p.to_vec()))
+        .bind(req.lease.as_millis() as i64)
+        .bind(park_busy)
 }
 
 /// Reads the claim statement's rows into `claimed`; true when it reported a skipped workspace.
