@@ -7,7 +7,7 @@ demo:      ## run the local demo (private PostgreSQL, migrations, fleet, summary
 test:      ## the whole test suite (what CI runs)
 	scripts/test.sh
 
-bench:     ## the benchmark (figures in the README)
+bench:     ## the benchmark (figures in docs/benchmark.md)
 	scripts/bench.sh
 
 db:        ## print a ready DATABASE_URL, starting the private cluster if needed

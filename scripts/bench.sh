@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# scripts/bench.sh — the benchmark quoted in the README (release build, private PostgreSQL
+# scripts/bench.sh — the benchmark quoted in docs/benchmark.md (release build, private PostgreSQL
 # unless $DATABASE_URL is set). Extra arguments go to `bizq-bench` (see `bizq-bench --help`).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

@@ -1,5 +1,5 @@
-//! `bizq-bench`: the benchmark quoted in the README (the scenarios are in `scenarios.rs` and
-//! `providers.rs`), kept out of the operator's `bizq` CLI.
+//! `bizq-bench`: the benchmark quoted in docs/benchmark.md (the scenarios are in
+//! `scenarios.rs` and `providers.rs`), kept out of the operator's `bizq` CLI.
 
 mod providers;
 mod scenarios;
@@ -12,7 +12,7 @@ use anyhow::Context;
 use clap::Parser;
 
 /// Measure the engine end to end, raw SQL through pgbench, the claim statement, the floor,
-/// the dashboards, and AI providers against a stand-in server (see README "Benchmark").
+/// the dashboards, and AI providers against a stand-in server (see docs/benchmark.md).
 ///
 /// Each scenario runs in fresh databases named `bizq_bench*` beside the one the database URL
 /// names. The fleets it starts are the `bizq-worker` and `bizq-scheduler` binaries beside

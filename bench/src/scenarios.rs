@@ -1,5 +1,5 @@
-//! The scenarios of `bizq-bench`: the figures quoted in the README, measured in one run so
-//! they compare as ratios on a noisy machine.
+//! The scenarios of `bizq-bench`: the figures quoted in docs/benchmark.md, measured in one
+//! run so they compare as ratios on a noisy machine.
 //!
 //! 1. End to end: N tasks inserted (queued by the insert itself), the clock runs until the last is `completed`
 //!    (mock provider at 0 ms), with 1, 2 and 4 worker processes and one scheduler. Rounds of

@@ -86,7 +86,7 @@ enum Command {
     /// transient failures), or with --config when given as a flag ($BIZQ_CONFIG alone does not
     /// replace it).
     Demo(demo::DemoArgs),
-    /// Keep the store-credentials key in the database, or rotate it (README "Security model").
+    /// Keep the store-credentials key in the database, or rotate it (docs/security.md).
     #[command(subcommand)]
     Credentials(credentials::CredentialsCommand),
 }

@@ -218,7 +218,7 @@ async fn keda_query_asks_for_queued_and_running_tasks_per_worker_slot(
     Ok(())
 }
 
-/// Pins the README's least-privilege role for KEDA: `BYPASSRLS` and `SELECT (status)` on
+/// Pins docs/deployment.md's least-privilege role for KEDA: `BYPASSRLS` and `SELECT (status)` on
 /// `tasks` are enough to run the scaler query and see every tenant's tasks. Without
 /// `BYPASSRLS`, row-level security would hide the tasks and the query would ask for 0 workers
 /// while the queue grows; without the column grant it fails.

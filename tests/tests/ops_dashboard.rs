@@ -282,8 +282,8 @@ async fn until_task(pool: &PgPool, id: Uuid, sql: &'static str) -> anyhow::Resul
     }
 }
 
-/// Where screenshots go: `docs/` with BIZQ_SCREENSHOTS=docs (to refresh the README's), else
-/// a temporary directory.
+/// Where screenshots go: `docs/` with BIZQ_SCREENSHOTS=docs (to refresh the ones
+/// docs/operations.md shows), else a temporary directory.
 fn screenshot_dir() -> std::path::PathBuf {
     if std::env::var("BIZQ_SCREENSHOTS").as_deref() == Ok("docs") {
         std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs"))
