@@ -431,7 +431,10 @@ async fn supabase_defaults_leave_tenants_exactly_the_allow_list(
         "anon table _sqlx_migrations DELETE",
         "anon table workspace_dashboard SELECT",
     ] {
-        assert!(held.contains(line), "before 0017, expected {line:?} in {held:?}");
+        assert!(
+            held.contains(line),
+            "before 0017, expected {line:?} in {held:?}"
+        );
     }
     assert_ne!(held, expected);
 
@@ -473,9 +476,15 @@ async fn supabase_defaults_leave_tenants_exactly_the_allow_list(
         "authenticated sequence tenant_throwaway_seq USAGE",
         "anon function tenant_throwaway_fn()",
     ] {
-        assert!(extra.contains(&line.to_string()), "{line:?} not in {extra:?}");
+        assert!(
+            extra.contains(&line.to_string()),
+            "{line:?} not in {extra:?}"
+        );
     }
-    assert!(extra.iter().all(|l| l.contains("tenant_throwaway")), "{extra:?}");
+    assert!(
+        extra.iter().all(|l| l.contains("tenant_throwaway")),
+        "{extra:?}"
+    );
 
     // The enforce step of `bizq migrate` takes all of it back, and says so.
     let revoked = bizq::db::migrate(&pool).await?;
@@ -615,9 +624,8 @@ async fn no_engine_write_runs_a_foreign_trigger(pool: PgPool) -> anyhow::Result<
             .await
     };
     let start = balance().await?;
-    let register = || {
-        bizq::task_types::register_types(&pool, &["ai.generate"], None, "w-trigger-test", false)
-    };
+    let register =
+        || bizq::task_types::register_types(&pool, &["ai.generate"], None, "w-trigger-test", false);
 
     // 1. A temporary function, alive as long as the session that made it.
     let mut attacker = connect(&pool).await?;
@@ -629,7 +637,9 @@ async fn no_engine_write_runs_a_foreign_trigger(pool: PgPool) -> anyhow::Result<
            FOR EACH ROW EXECUTE FUNCTION pg_temp.bizq_steal();",
     )
     .await?;
-    let err = register().await.expect_err("registration ran a foreign trigger");
+    let err = register()
+        .await
+        .expect_err("registration ran a foreign trigger");
     let msg = err.to_string();
     assert!(
         matches!(err, bizq::Error::UntrustedTriggers { .. })
@@ -638,13 +648,21 @@ async fn no_engine_write_runs_a_foreign_trigger(pool: PgPool) -> anyhow::Result<
         "{msg}"
     );
     assert_eq!(balance().await?, start, "the trigger ran");
-    let err = bizq::db::migrate(&pool).await.expect_err("enforced past the trigger");
-    assert!(err.to_string().contains("trigger bizq_steal on task_types"), "{err}");
+    let err = bizq::db::migrate(&pool)
+        .await
+        .expect_err("enforced past the trigger");
+    assert!(
+        err.to_string().contains("trigger bizq_steal on task_types"),
+        "{err}"
+    );
     drop(attacker);
     // The temporary schema goes with its session, and the trigger with it.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while register().await.is_err() {
-        assert!(std::time::Instant::now() < deadline, "the trigger outlived its session");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the trigger outlived its session"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     assert_eq!(balance().await?, start);
@@ -659,13 +677,14 @@ async fn no_engine_write_runs_a_foreign_trigger(pool: PgPool) -> anyhow::Result<
     )
     .execute(&pool)
     .await?;
-    let err = register().await.expect_err("registration ran a tenant's function");
-    assert!(
-        err.to_string().contains("owned by authenticated"),
-        "{err}"
-    );
+    let err = register()
+        .await
+        .expect_err("registration ran a tenant's function");
+    assert!(err.to_string().contains("owned by authenticated"), "{err}");
     assert_eq!(balance().await?, start, "the trigger ran");
-    let err = bizq::db::migrate(&pool).await.expect_err("enforced past the trigger");
+    let err = bizq::db::migrate(&pool)
+        .await
+        .expect_err("enforced past the trigger");
     assert!(err.to_string().contains("bizq_tenant_trigger"), "{err}");
     sqlx::raw_sql(
         "DROP TRIGGER bizq_tenant_trigger ON task_types; DROP FUNCTION public.bizq_tenant_fn();",
