@@ -294,6 +294,9 @@ DECLARE
   r record;
   left_over text;
 BEGIN
+  -- One enforcement at a time (several `bizq migrate` may run at once; two REVOKEs of the
+  -- same object would collide). Released at the end of the caller's transaction.
+  PERFORM pg_advisory_xact_lock(hashtext('bizq_enforce_privileges'));
   SELECT string_agg(format('trigger %s on %s runs %s, owned by %s', u.trigger_name,
                            u.table_name, u.function_name, u.function_owner), '; ')
     INTO left_over
