@@ -176,7 +176,9 @@ async fn fresh_db_with(url: &str, name: &str, schema: Schema) -> anyhow::Result<
         .connect_with(opts)
         .await?;
     match schema {
-        Schema::Lean => bizq::db::migrate(&pool).await?,
+        Schema::Lean => {
+            bizq::db::migrate(&pool).await?;
+        }
         Schema::Seed => bizq::db::MIGRATOR
             .run_to(LEAN_MIGRATION - 1, &pool)
             .await

@@ -41,7 +41,7 @@ pub async fn migrate(url: &str, config: &Config) -> anyhow::Result<()> {
     } else {
         Vec::new()
     };
-    db::migrate(&pool).await?;
+    let revoked = db::migrate(&pool).await?;
     let mut n = 0;
     for m in db::MIGRATOR.iter() {
         if !applied_before.contains(&m.version) {
@@ -54,6 +54,9 @@ pub async fn migrate(url: &str, config: &Config) -> anyhow::Result<()> {
             "schema is current ({} migrations); nothing to do",
             db::MIGRATOR.iter().count()
         );
+    }
+    for r in &revoked {
+        println!("revoked {r} (not in bizq_tenant_grants)");
     }
     Ok(())
 }
@@ -90,13 +93,33 @@ pub struct EnqueueArgs {
     category: String,
 }
 
+/// The workspace a `--workspace` value (or the dashboard's filter) names: a value that reads
+/// as a UUID (any form the `uuid` crate accepts) is an id and matches by id only; anything
+/// else is a slug. Never both, so a slug cannot stand for another workspace's id (and
+/// migration 0017 refuses UUID-shaped slugs anyway).
+pub async fn find_workspace(pool: &PgPool, slug_or_id: &str) -> anyhow::Result<Option<Uuid>> {
+    let value = slug_or_id.trim();
+    let id = match Uuid::try_parse(value) {
+        Ok(id) => {
+            sqlx::query_scalar("SELECT id FROM workspaces WHERE id = $1")
+                .bind(id)
+                .fetch_optional(pool)
+                .await?
+        }
+        Err(_) => {
+            sqlx::query_scalar("SELECT id FROM workspaces WHERE slug = $1")
+                .bind(value)
+                .fetch_optional(pool)
+                .await?
+        }
+    };
+    Ok(id)
+}
+
 async fn workspace_id(pool: &PgPool, slug_or_id: &str) -> anyhow::Result<Uuid> {
-    let id: Option<Uuid> =
-        sqlx::query_scalar("SELECT id FROM workspaces WHERE slug = $1 OR id::text = $1 LIMIT 1")
-            .bind(slug_or_id.to_string())
-            .fetch_optional(pool)
-            .await?;
-    id.with_context(|| format!("no workspace with slug or id '{slug_or_id}'"))
+    find_workspace(pool, slug_or_id)
+        .await?
+        .with_context(|| format!("no workspace with slug or id '{slug_or_id}'"))
 }
 
 pub async fn enqueue(pool: &PgPool, a: EnqueueArgs) -> anyhow::Result<()> {

@@ -180,6 +180,11 @@ pub struct OpsConfig {
     pub dashboard_addr: String,
     /// A file holding the dashboard token (else `$BIZQ_DASHBOARD_TOKEN`).
     pub dashboard_token_file: Option<std::path::PathBuf>,
+    /// The scheduler's queue gauges on `/metrics` (depth, oldest queued, blocked, parked,
+    /// workers) come from a sample of the database at most this old: however many scrapers
+    /// ask, the counting queries run at most once per this interval. 0 samples on every
+    /// scrape.
+    pub metrics_sample_max_age_ms: u64,
 }
 
 impl Default for OpsConfig {
@@ -192,6 +197,7 @@ impl Default for OpsConfig {
             worker_forget_after_seconds: 86_400,
             dashboard_addr: "127.0.0.1:8080".into(),
             dashboard_token_file: None,
+            metrics_sample_max_age_ms: 5_000,
         }
     }
 }

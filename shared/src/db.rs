@@ -12,11 +12,58 @@ use crate::config::DependencyFailurePolicy;
 /// The migrations in `migrations/`, compiled into the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
-/// Applies every pending migration. Safe to run from several processes at once (sqlx takes
-/// an advisory lock) and a no-op when the schema is current.
-pub async fn migrate(pool: &PgPool) -> Result<()> {
+/// Applies every pending migration, then enforces the tenant privilege allow-list
+/// ([`enforce_privileges`]) whether or not a migration ran. Safe to run from several
+/// processes at once (sqlx takes an advisory lock). Returns what the enforcement revoked.
+pub async fn migrate(pool: &PgPool) -> Result<Vec<Revoked>> {
     MIGRATOR.run(pool).await?;
-    Ok(())
+    enforce_privileges(pool).await
+}
+
+/// One privilege [`enforce_privileges`] took from a tenant role (or from PUBLIC).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Revoked {
+    /// `anon`, `authenticated` or `PUBLIC`.
+    pub role_name: String,
+    /// `table` (also views), `sequence`, `function`, `type` or `schema`.
+    pub object_type: String,
+    pub object_name: String,
+    /// Set for a column privilege.
+    pub column_name: Option<String>,
+    pub privilege: String,
+}
+
+impl std::fmt::Display for Revoked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} on {} {}",
+            self.privilege, self.object_type, self.object_name
+        )?;
+        if let Some(c) = &self.column_name {
+            write!(f, " ({c})")?;
+        }
+        write!(f, " from {}", self.role_name)
+    }
+}
+
+/// Revokes from `anon`, `authenticated` and PUBLIC every privilege in schema `public` beyond
+/// the allow-list `bizq_tenant_grants` (migration 0017), so an object created after the
+/// migrations (Supabase's default privileges give those roles ALL on it) is closed again.
+/// Fails when something is left that this role cannot revoke, or when a trigger would run
+/// someone else's function as the engine. Each revocation is logged (info): on a
+/// database that was already enforced, there is none.
+pub async fn enforce_privileges(pool: &PgPool) -> Result<Vec<Revoked>> {
+    let revoked: Vec<Revoked> = sqlx::query_as(
+        "SELECT role_name, object_type, object_name, column_name, privilege
+           FROM bizq_enforce_privileges()",
+    )
+    .fetch_all(pool)
+    .await?;
+    for r in &revoked {
+        tracing::info!(revoked = %r, "privilege beyond the tenant allow-list revoked");
+    }
+    Ok(revoked)
 }
 
 /// Fails with a clear message when the database lacks migrations this binary knows, so a

@@ -23,6 +23,13 @@ pub enum Error {
     },
     #[error("invalid task: {0}")]
     InvalidTask(String),
+    /// A trigger on an engine table would run a function that is not the engine's (migration
+    /// 0017's `bizq_untrusted_triggers`): the engine refuses to write that table.
+    #[error(
+        "refusing to write {table}: {triggers} (a trigger whose function neither the table's \
+         owner nor a superuser owns runs its code with the engine's rights; drop it)"
+    )]
+    UntrustedTriggers { table: String, triggers: String },
 }
 
 /// Result with the engine's [`Error`].

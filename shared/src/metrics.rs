@@ -54,6 +54,11 @@ pub const PARKED: &str = "bizq_queue_parked";
 pub const BLOCKED: &str = "bizq_queue_blocked";
 /// Registered processes by `role` and `state` (running, draining, lost).
 pub const WORKERS: &str = "bizq_workers";
+/// Times the queue gauges above were sampled from the database (at most once per
+/// `ops.metrics_sample_max_age_ms`, however many scrapers ask).
+pub const QUEUE_SAMPLES: &str = "bizq_queue_samples_total";
+/// How old the queue gauges are when this scrape renders them.
+pub const QUEUE_SAMPLE_AGE: &str = "bizq_queue_sample_age_seconds";
 /// Tasks whose lease expired, by `outcome` (requeued, failed).
 pub const LEASES_RECLAIMED: &str = "bizq_leases_reclaimed_total";
 /// New tasks admitted, by `outcome` (queued, waiting, rejected, escalated, cancelled).
@@ -428,8 +433,59 @@ pub fn scheduler_pass_since(
     }
 }
 
-/// The queue as the scheduler sees it now (run when `/metrics` is scraped). Only live rows
-/// are counted, through the queue's partial indexes: millions of finished tasks cost nothing.
+/// The scheduler's queue gauges for `/metrics`, sampled at most once per `max_age`: a scrape
+/// finding a sample younger than that serves it as is, and concurrent scrapes wait for the
+/// one sample under way instead of running their own. A failed sample counts as one too (the
+/// next attempt waits for the interval), so a struggling database is not asked more often.
+pub struct QueueSampler {
+    pool: PgPool,
+    ops: crate::config::OpsConfig,
+    max_age: Duration,
+    /// When the last sample started (its counts are at least this old).
+    last: tokio::sync::Mutex<Option<Instant>>,
+}
+
+impl QueueSampler {
+    pub fn new(pool: PgPool, ops: crate::config::OpsConfig) -> Self {
+        Self {
+            pool,
+            max_age: Duration::from_millis(ops.metrics_sample_max_age_ms),
+            ops,
+            last: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Samples the queue unless the last sample is younger than `max_age`; then sets the
+    /// sample's age.
+    pub async fn refresh(&self) {
+        let mut last = self.last.lock().await;
+        let fresh = last.is_some_and(|at| at.elapsed() < self.max_age);
+        if !fresh {
+            let started = Instant::now();
+            if let Err(e) = sample_queue(&self.pool, &self.ops).await {
+                tracing::warn!(error = %e, "could not sample the queue for /metrics");
+            }
+            counter!(QUEUE_SAMPLES).increment(1);
+            *last = Some(started);
+        }
+        if let Some(at) = *last {
+            gauge!(QUEUE_SAMPLE_AGE).set(at.elapsed().as_secs_f64());
+        }
+    }
+
+    /// As the ops listener's [`crate::health::Sampler`].
+    pub fn into_sampler(self) -> crate::health::Sampler {
+        let this = std::sync::Arc::new(self);
+        std::sync::Arc::new(move || {
+            let this = this.clone();
+            Box::pin(async move { this.refresh().await })
+        })
+    }
+}
+
+/// The queue as the scheduler sees it now (through [`QueueSampler`], at most once per
+/// `ops.metrics_sample_max_age_ms`). Only live rows are counted, through the queue's partial
+/// indexes: millions of finished tasks cost nothing.
 pub async fn sample_queue(pool: &PgPool, ops: &crate::config::OpsConfig) -> crate::Result<()> {
     // Each count names its status as a constant, so the planner can use the partial index
     // over that status (a join against a list of statuses could not).

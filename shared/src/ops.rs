@@ -57,16 +57,7 @@ pub async fn start(
                 })
             }
             Role::Scheduler => {
-                let pool = pool.clone();
-                let ops = config.ops.clone();
-                Arc::new(move || {
-                    let (pool, ops) = (pool.clone(), ops.clone());
-                    Box::pin(async move {
-                        if let Err(e) = crate::metrics::sample_queue(&pool, &ops).await {
-                            tracing::warn!(error = %e, "could not sample the queue for /metrics");
-                        }
-                    })
-                })
+                crate::metrics::QueueSampler::new(pool.clone(), config.ops.clone()).into_sampler()
             }
         };
         let bound =

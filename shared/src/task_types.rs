@@ -40,6 +40,27 @@ pub async fn register_types(
     worker_id: &str,
     estimate_at_admission: bool,
 ) -> Result<Vec<String>> {
+    // The upsert runs every trigger on task_types with this role's rights. Lock the table
+    // against CREATE TRIGGER (SHARE ROW EXCLUSIVE conflicts with ROW EXCLUSIVE) before
+    // looking, so what was checked is what runs.
+    let mut tx = pool.begin().await?;
+    sqlx::query("LOCK TABLE task_types IN ROW EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await?;
+    let untrusted: Vec<String> = sqlx::query_scalar(
+        "SELECT format('trigger %s runs %s, owned by %s', trigger_name, function_name,
+                       function_owner)
+           FROM bizq_untrusted_triggers()
+          WHERE table_name = 'task_types'",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    if !untrusted.is_empty() {
+        return Err(crate::Error::UntrustedTriggers {
+            table: "task_types".into(),
+            triggers: untrusted.join("; "),
+        });
+    }
     let registered = sqlx::query_scalar(
         "INSERT INTO task_types (type, worker_kind, estimate_at_admission, registered_by,
                                  registered_at)
@@ -58,7 +79,8 @@ pub async fn register_types(
     .bind(WORKER_KIND)
     .bind(worker_id.to_string())
     .bind(estimate_at_admission)
-    .fetch_all(pool)
+    .fetch_all(&mut *tx)
     .await?;
+    tx.commit().await?;
     Ok(registered)
 }

@@ -145,6 +145,9 @@ impl Worker {
         .await
         {
             Ok(types) => tracing::info!(?types, "registered task types"),
+            Err(e @ crate::Error::UntrustedTriggers { .. }) => {
+                tracing::error!(error = %e, "task types not registered")
+            }
             Err(e) => tracing::warn!(error = %e, "could not register task types"),
         }
         let slots = Arc::new(Semaphore::new(wc.concurrency));

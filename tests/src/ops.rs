@@ -60,12 +60,29 @@ pub async fn http(
     extra: &[&str],
     body: &str,
 ) -> anyhow::Result<Response> {
+    http_to_host(addr, Some(addr), method, path, extra, body).await
+}
+
+/// [`http`] sent to `addr` but naming `host` in its `Host` header (none for `None`), as a
+/// browser does when a DNS name (say, a rebinding attacker's) resolves to `addr`.
+pub async fn http_to_host(
+    addr: &str,
+    host: Option<&str>,
+    method: &str,
+    path: &str,
+    extra: &[&str],
+    body: &str,
+) -> anyhow::Result<Response> {
     let mut stream = tokio::time::timeout(
         Duration::from_secs(10),
         tokio::net::TcpStream::connect(addr),
     )
     .await??;
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    let mut req = format!("{method} {path} HTTP/1.1\r\n");
+    if let Some(host) = host {
+        req.push_str(&format!("Host: {host}\r\n"));
+    }
+    req.push_str("Connection: close\r\n");
     for h in extra {
         req.push_str(h);
         req.push_str("\r\n");

@@ -410,3 +410,37 @@ pub fn expect_move_refused<T: std::fmt::Debug>(
         expect_rls_violation(result, what);
     }
 }
+
+/// Makes a fresh (not yet migrated) database look like a Supabase project: the roles
+/// `anon`, `authenticated` and `service_role` (cluster-wide; created when missing), and the
+/// default privileges Supabase sets for the migrating role in schema `public`: ALL on every
+/// table, sequence and function it creates, for all three roles. Run it before migrating.
+pub async fn supabase_default_privileges(pool: &PgPool) -> Result<()> {
+    for (role, options) in [
+        ("anon", "NOLOGIN NOINHERIT"),
+        ("authenticated", "NOLOGIN NOINHERIT"),
+        ("service_role", "NOLOGIN NOINHERIT BYPASSRLS"),
+    ] {
+        // Another test database may create the same role at the same moment.
+        let _ = sqlx::raw_sql(AssertSqlSafe(format!(
+            "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{role}') THEN
+                 CREATE ROLE {role} {options}; END IF;
+               EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$"
+        )))
+        .execute(pool)
+        .await;
+    }
+    let me: String = sqlx::query_scalar("SELECT current_user::text")
+        .fetch_one(pool)
+        .await?;
+    for kind in ["TABLES", "SEQUENCES", "FUNCTIONS"] {
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "ALTER DEFAULT PRIVILEGES FOR ROLE \"{me}\" IN SCHEMA public
+               GRANT ALL ON {kind} TO anon, authenticated, service_role"
+        )))
+        .execute(pool)
+        .await
+        .with_context(|| format!("default privileges on {kind}"))?;
+    }
+    Ok(())
+}

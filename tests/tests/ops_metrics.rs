@@ -1,6 +1,8 @@
 //! Metrics and health of real processes: `/metrics` scraped during a fleet run matches the
 //! rows, `/readyz` turns false during a SIGTERM drain while the worker still exits 0, and
-//! `--log-format json` lines about a task carry its id and workspace id.
+//! `--log-format json` lines about a task carry its id and workspace id. The queue gauges are
+//! a sample shared by every scrape of an interval (issue 16, finding 7), counted in the
+//! database's own statistics.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -109,6 +111,7 @@ async fn metrics_scraped_from_a_running_fleet_match_the_rows(pool: PgPool) -> an
         ("retry.base_ms", "10"),
         ("retry.max_ms", "50"),
         ("worker.concurrency", "4"),
+        ("ops.metrics_sample_max_age_ms", "200"),
     ]);
     let metrics = ["--metrics-addr", "127.0.0.1:0"];
     let scheduler = Process::start(
@@ -219,7 +222,25 @@ async fn metrics_scraped_from_a_running_fleet_match_the_rows(pool: PgPool) -> an
     assert_eq!(sum(&merged, "bizq_worker_slots", &[]), 8.0);
     assert_eq!(sum(&merged, "bizq_worker_in_flight", &[]), 0.0);
 
-    let m = scrape(&sched_addr).await?;
+    // The queue gauges are a sample at most ops.metrics_sample_max_age_ms (200 ms here) old.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let m = loop {
+        let m = scrape(&sched_addr).await?;
+        let settled = sum(&m, "bizq_queue_depth", &["status=\"queued\""]) == 0.0
+            && sum(
+                &m,
+                "bizq_workers",
+                &["role=\"worker\"", "state=\"running\""],
+            ) == 2.0;
+        if settled || Instant::now() > deadline {
+            break m;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        sum(&m, "bizq_queue_sample_age_seconds", &[]) < 10.0,
+        "{m:?}"
+    );
     assert_eq!(sum(&m, "bizq_queue_depth", &["status=\"queued\""]), 0.0);
     assert_eq!(
         sum(
@@ -543,5 +564,156 @@ async fn provider_metrics_match_the_stand_ins_and_the_rows(pool: PgPool) -> anyh
     assert!(!text.contains("sk-pm-"), "a key in the metrics");
     assert_eq!(worker.terminate().await?, Some(0));
     assert_eq!(scheduler.terminate().await?, Some(0));
+    Ok(())
+}
+
+/// Scans of `tasks` (sequential and index) in the statistics of the database, after the
+/// single connection of `pool` flushed its own: every query of the test and of the sampler
+/// runs on that connection, so the difference between two readings is what they did.
+async fn task_scans(pool: &PgPool) -> anyhow::Result<i64> {
+    sqlx::query("SELECT pg_stat_force_next_flush()")
+        .execute(pool)
+        .await?;
+    Ok(sqlx::query_scalar(
+        "SELECT (seq_scan + COALESCE(idx_scan, 0))::bigint
+           FROM pg_stat_user_tables
+          WHERE relid = 'tasks'::regclass",
+    )
+    .fetch_one(pool)
+    .await?)
+}
+
+/// `n` scrapes of `addr` at once; each one's pending depth.
+async fn scrape_burst(addr: &str, n: usize) -> anyhow::Result<Vec<f64>> {
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let addr = addr.to_string();
+        set.spawn(async move { scrape(&addr).await });
+    }
+    let mut depths = Vec::new();
+    while let Some(m) = set.join_next().await {
+        depths.push(sum(&m??, "bizq_queue_depth", &["status=\"pending\""]));
+    }
+    Ok(depths)
+}
+
+/// A `/metrics` listener serving the scheduler's queue gauges from `pool`, sampled at most
+/// once per `max_age_ms`.
+async fn queue_listener(pool: &PgPool, max_age_ms: u64) -> anyhow::Result<String> {
+    let ops = bizq::config::OpsConfig {
+        metrics_sample_max_age_ms: max_age_ms,
+        ..Default::default()
+    };
+    let sampler = bizq::metrics::QueueSampler::new(pool.clone(), ops).into_sampler();
+    let addr = bizq::health::serve(
+        "127.0.0.1:0",
+        pool.clone(),
+        tokio_util::sync::CancellationToken::new(),
+        Some(sampler),
+    )
+    .await?;
+    Ok(addr.to_string())
+}
+
+/// Pins finding 7's `/metrics`: the eight counts behind the queue gauges run at most once per
+/// `ops.metrics_sample_max_age_ms`, however many scrapes arrive. Measured as scans of `tasks`
+/// in pg_stat_user_tables: one sample costs at least eight (one per count); ten concurrent
+/// scrapes finding no sample cost one sample, forty more within the interval none, where
+/// forty with no cache (max age 0) cost forty samples. With a short interval the gauges follow the table (a new
+/// task shows once the sample is older than the interval) and, over a measured stretch of
+/// back-to-back scrapes, samples are never more than one per interval, plus the first.
+#[sqlx::test(migrations = "../migrations")]
+async fn scrapes_share_one_queue_sample_per_interval(pool: PgPool) -> anyhow::Result<()> {
+    let options = pool.connect_options().as_ref().clone();
+    let one = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(options)
+        .await?;
+    let ws = workspace(&one, 1_000_000).await?;
+    for i in 0..5 {
+        generate(&one, ws, &format!("waiting {i}"), 5, &[]).await?;
+    }
+    let pending: f64 = scalar(
+        &one,
+        "SELECT count(*)::float8 FROM tasks WHERE status = 'pending'",
+    )
+    .await?;
+    assert_eq!(pending, 5.0);
+
+    // One sample, from a listener with no cache (max age 0): what it costs.
+    let uncached = queue_listener(&one, 0).await?;
+    let s0 = task_scans(&one).await?;
+    assert_eq!(scrape_burst(&uncached, 1).await?, [5.0]);
+    let per_sample = task_scans(&one).await? - s0;
+    assert!(
+        per_sample >= 8,
+        "one sample scanned tasks {per_sample} times"
+    );
+
+    // With the default kind of interval: ten scrapes at once find no sample, and share one.
+    let cached = queue_listener(&one, 60_000).await?;
+    let s1 = task_scans(&one).await?;
+    assert!(scrape_burst(&cached, 10).await?.iter().all(|d| *d == 5.0));
+    let s2 = task_scans(&one).await?;
+    assert_eq!(
+        s2 - s1,
+        per_sample,
+        "ten concurrent first scrapes, not one sample"
+    );
+    // Forty more within the interval, ten at a time: no count runs again.
+    for _ in 0..4 {
+        assert!(scrape_burst(&cached, 10).await?.iter().all(|d| *d == 5.0));
+    }
+    let s3 = task_scans(&one).await?;
+    assert_eq!(s3 - s2, 0, "40 scrapes within the interval scanned tasks");
+    let m = scrape(&cached).await?;
+    let age = sum(&m, "bizq_queue_sample_age_seconds", &[]);
+    assert!((0.0..60.0).contains(&age), "sample age {age}");
+
+    // The same forty scrapes with no cache: forty samples (the measure can tell).
+    let s4 = task_scans(&one).await?;
+    for _ in 0..4 {
+        scrape_burst(&uncached, 10).await?;
+    }
+    let s5 = task_scans(&one).await?;
+    assert!(
+        s5 - s4 >= 40 * per_sample,
+        "40 uncached scrapes scanned tasks {} times (one sample: {per_sample})",
+        s5 - s4
+    );
+
+    // A short interval: the gauges follow the table, never more than once per interval.
+    let short = Duration::from_millis(300);
+    let fresh = queue_listener(&one, short.as_millis() as u64).await?;
+    let samples = |m: &BTreeMap<String, f64>| sum(m, "bizq_queue_samples_total", &[]);
+    let before = samples(&scrape(&fresh).await?);
+    generate(&one, ws, "one more", 5, &[]).await?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while scrape_burst(&fresh, 1).await? != [6.0] {
+        assert!(Instant::now() < deadline, "the sample never caught up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let s6 = task_scans(&one).await?;
+    let started = Instant::now();
+    let mut scrapes = 0;
+    while started.elapsed() < Duration::from_millis(1500) {
+        scrape_burst(&fresh, 3).await?;
+        scrapes += 3;
+    }
+    let elapsed = started.elapsed();
+    let s7 = task_scans(&one).await?;
+    let taken = (s7 - s6) / per_sample;
+    let allowed = (elapsed.as_millis() / short.as_millis()) as i64 + 1;
+    assert!(
+        (1..=allowed).contains(&taken),
+        "{scrapes} scrapes in {elapsed:?} took {taken} samples (at most {allowed})"
+    );
+    // The exporter's own count agrees that samples were taken (and far fewer than scrapes).
+    let after = samples(&scrape(&fresh).await?);
+    assert!(
+        after > before && after - before < f64::from(scrapes),
+        "{before} -> {after}"
+    );
+    one.close().await;
     Ok(())
 }

@@ -284,6 +284,37 @@ const CASES: &[(&str, &str, &str)] = &[
         "UPDATE workspaces SET credits_reserved = -1",
     ),
     ("tasks", "valid_attempt", "UPDATE tasks SET attempt = -1"),
+    // Added by 0017_privileges_allow_list.sql.
+    (
+        "workspaces",
+        "workspaces_slug_not_uuid",
+        "UPDATE workspaces SET slug = '{' || upper(id::text) || '}'",
+    ),
+    (
+        "bizq_tenant_grants",
+        "bizq_tenant_grants_grantee",
+        "INSERT INTO bizq_tenant_grants (grantee, object_type, object_name, privilege, reason)
+         VALUES ('service_role', 'table', 'orders', 'SELECT', 'x')",
+    ),
+    (
+        "bizq_tenant_grants",
+        "bizq_tenant_grants_object_type",
+        "INSERT INTO bizq_tenant_grants (grantee, object_type, object_name, privilege, reason)
+         VALUES ('authenticated', 'database', 'orders', 'SELECT', 'x')",
+    ),
+    (
+        "bizq_tenant_grants",
+        "bizq_tenant_grants_privilege",
+        "INSERT INTO bizq_tenant_grants (grantee, object_type, object_name, privilege, reason)
+         VALUES ('anon', 'table', 'task_types', 'TRUNCATE', 'x')",
+    ),
+    (
+        "bizq_tenant_grants",
+        "bizq_tenant_grants_columns",
+        "INSERT INTO bizq_tenant_grants (grantee, object_type, object_name, privilege, columns,
+                                         reason)
+         VALUES ('authenticated', 'table', 'orders', 'DELETE', ARRAY['id'], 'x')",
+    ),
     (
         "tasks",
         "valid_max_attempts",

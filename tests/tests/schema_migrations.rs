@@ -239,3 +239,87 @@ async fn rerunning_every_schema_migration_changes_nothing(pool: PgPool) -> anyho
     );
     Ok(())
 }
+
+/// Migration 0017 on a database that already holds UUID-shaped slugs (an owner set its slug
+/// to another workspace's id; another spelled a UUID in braces and capitals): it does not
+/// fail, renames each to `renamed-<its own id>` (with a suffix when that is taken), records
+/// every rename in admin_events, leaves other slugs alone, and from then on the CHECK refuses
+/// UUID-shaped slugs.
+#[sqlx::test(migrations = false)]
+async fn migration_0017_renames_uuid_shaped_slugs(pool: PgPool) -> anyhow::Result<()> {
+    let before = bizq::db::MIGRATOR
+        .iter()
+        .map(|m| m.version)
+        .filter(|v| *v < 17)
+        .max()
+        .expect("migrations before 0017");
+    bizq::db::MIGRATOR.run_to(before, &pool).await?;
+    let insert = |slug: String| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, uuid::Uuid>(
+                "INSERT INTO workspaces (name, slug) VALUES ('w', $1) RETURNING id",
+            )
+            .bind(slug)
+            .fetch_one(&pool)
+            .await
+        }
+    };
+    let victim = insert("victim".into()).await?;
+    let attacker = insert("attacker".into()).await?;
+    let braces = insert(format!(
+        "{{{}}}",
+        uuid::Uuid::new_v4().to_string().to_uppercase()
+    ))
+    .await?;
+    // The first name the rename would pick for the attacker is taken already.
+    let collider = insert(format!("renamed-{attacker}")).await?;
+    sqlx::query("UPDATE workspaces SET slug = $1::text WHERE id = $2")
+        .bind(victim)
+        .bind(attacker)
+        .execute(&pool)
+        .await?;
+
+    bizq::db::migrate(&pool).await?;
+
+    let slugs: Vec<(uuid::Uuid, String)> =
+        sqlx::query_as("SELECT id, slug FROM workspaces ORDER BY created_at, id")
+            .fetch_all(&pool)
+            .await?;
+    let slug_of = |id: uuid::Uuid| {
+        slugs
+            .iter()
+            .find(|(w, _)| *w == id)
+            .map(|(_, s)| s.clone())
+            .expect("workspace kept")
+    };
+    assert_eq!(slug_of(victim), "victim");
+    assert_eq!(slug_of(attacker), format!("renamed-{attacker}-2"));
+    assert_eq!(slug_of(braces), format!("renamed-{braces}"));
+    assert_eq!(slug_of(collider), format!("renamed-{attacker}"));
+    let events: Vec<(String, String, serde_json::Value)> =
+        sqlx::query_as("SELECT actor, action, target FROM admin_events ORDER BY id")
+            .fetch_all(&pool)
+            .await?;
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert!(
+        events
+            .iter()
+            .all(|(actor, action, _)| actor == "migration 0017" && action == "rename_uuid_slug")
+    );
+    assert!(
+        events
+            .iter()
+            .any(|(_, _, t)| t["workspace"] == attacker.to_string()
+                && t["old_slug"] == victim.to_string()
+                && t["new_slug"] == format!("renamed-{attacker}-2"))
+    );
+    let refused = sqlx::query("UPDATE workspaces SET slug = $1::text WHERE id = $2")
+        .bind(victim)
+        .bind(attacker)
+        .execute(&pool)
+        .await;
+    let msg = bizq_tests::schema_support::expect_sqlstate(refused, "23514", "a UUID slug");
+    assert!(msg.contains("workspaces_slug_not_uuid"), "{msg}");
+    Ok(())
+}

@@ -90,6 +90,7 @@ pub async fn overview(pool: &PgPool) -> anyhow::Result<Overview> {
 /// One workspace's queue and credits.
 #[derive(sqlx::FromRow)]
 pub struct WorkspaceRow {
+    pub id: Uuid,
     pub slug: String,
     pub plan: String,
     pub subscription_status: Option<String>,
@@ -108,7 +109,7 @@ pub struct WorkspaceRow {
 
 pub async fn workspaces(pool: &PgPool) -> anyhow::Result<Vec<WorkspaceRow>> {
     Ok(sqlx::query_as(
-        "SELECT w.slug, w.plan, w.subscription_status,
+        "SELECT w.id, w.slug, w.plan, w.subscription_status,
                 COALESCE(q.backlog, 0) AS backlog,
                 COALESCE(q.in_flight, 0) AS in_flight,
                 COALESCE(q.waiting_credits, 0) AS waiting_credits,
@@ -229,16 +230,13 @@ impl Filter {
                     .map_err(|_| anyhow::anyhow!("unknown status '{s}'"))?,
             ),
         };
+        // A UUID is an id, anything else a slug: never both (see `admin::find_workspace`).
         let workspace = match self.workspace.trim() {
             "" => None,
             w => Some(
-                sqlx::query_scalar::<_, Uuid>(
-                    "SELECT id FROM workspaces WHERE slug = $1 OR id::text = $1 LIMIT 1",
-                )
-                .bind(w)
-                .fetch_optional(pool)
-                .await?
-                .ok_or_else(|| anyhow::anyhow!("no workspace '{w}'"))?,
+                crate::admin::find_workspace(pool, w)
+                    .await?
+                    .ok_or_else(|| anyhow::anyhow!("no workspace '{w}'"))?,
             ),
         };
         Ok(Bound {
@@ -275,6 +273,7 @@ const FILTER_SQL: &str = "($1::uuid IS NULL OR t.workspace_id = $1)
 #[derive(sqlx::FromRow)]
 pub struct TaskLine {
     pub id: Uuid,
+    pub workspace_id: Uuid,
     pub slug: String,
     pub task_type: String,
     pub name: String,
@@ -287,8 +286,8 @@ pub struct TaskLine {
 
 pub async fn tasks(pool: &PgPool, f: &Bound, limit: i64) -> anyhow::Result<Vec<TaskLine>> {
     let sql = format!(
-        "SELECT t.id, w.slug, t.type AS task_type, t.name, t.status, t.priority, t.attempt,
-                t.created_at, COALESCE(t.wait_reason, t.error_details ->> 'code') AS note
+        "SELECT t.id, t.workspace_id, w.slug, t.type AS task_type, t.name, t.status, t.priority,
+                t.attempt, t.created_at, COALESCE(t.wait_reason, t.error_details ->> 'code') AS note
            FROM tasks t
            JOIN workspaces w ON w.id = t.workspace_id
           WHERE {FILTER_SQL}

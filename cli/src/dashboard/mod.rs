@@ -1,6 +1,7 @@
 //! `bizq dashboard`: the web dashboard (axum, server-rendered with maud): overview,
 //! workspaces, tasks, workers, and retry/cancel actions recorded as admin events. Loopback
-//! by default; any other address needs a token.
+//! by default; any other address needs a token. Without a token it answers only requests
+//! addressed to a loopback name (`Host`), so a DNS-rebinding page cannot use it.
 
 mod actions;
 mod data;
@@ -177,10 +178,21 @@ fn authorized(app: &App, headers: &HeaderMap) -> bool {
         .any(|given| same_secret(given.trim(), expected))
 }
 
-/// Every request: the token when one is configured (the login page and its POST excepted),
-/// and for POSTs a same-origin `Origin` when the browser sends one. The CSRF token itself is
-/// checked by each form handler. Every response forbids framing and caching.
+/// Every request: without a token, a loopback `Host` (DNS rebinding); the token when one is
+/// configured (the login page and its POST excepted), and for POSTs a same-origin `Origin`
+/// when the browser sends one. The CSRF token itself is checked by each form handler. Every
+/// response forbids framing and caching.
 async fn guard(State(app): State<Shared>, req: Request, next: Next) -> Response {
+    if app.token.is_none() && !loopback_host(&req) {
+        return secure_headers(
+            (
+                StatusCode::MISDIRECTED_REQUEST,
+                "this dashboard answers only to localhost, 127.0.0.1 or [::1] (it has no \
+                 token); set $BIZQ_DASHBOARD_TOKEN to serve other names\n",
+            )
+                .into_response(),
+        );
+    }
     let path = req.uri().path().to_string();
     let public = path == "/login" || path.starts_with("/static/");
     if !public && !authorized(&app, req.headers()) {
@@ -194,6 +206,42 @@ async fn guard(State(app): State<Shared>, req: Request, next: Next) -> Response 
         );
     }
     secure_headers(next.run(req).await)
+}
+
+/// Whether the request names this machine by a loopback name: `localhost`, `127.0.0.1` or
+/// `[::1]`, any port, from `Host` (or the request's authority, for HTTP/2). Without a token
+/// this is what keeps a DNS-rebinding page out: its requests reach the loopback listener but
+/// carry the attacker's host name. A request without a host is refused too.
+fn loopback_host(req: &Request) -> bool {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.as_str().to_string()));
+    host.is_some_and(|h| is_loopback_host(&h))
+}
+
+/// `host[:port]` is `localhost`, `127.0.0.1` or `[::1]` (case-insensitive), with a numeric
+/// port or none.
+fn is_loopback_host(value: &str) -> bool {
+    let value = value.trim().to_ascii_lowercase();
+    let (name, port) = if value.starts_with('[') {
+        match value.find(']') {
+            Some(end) => value.split_at(end + 1),
+            None => return false,
+        }
+    } else {
+        match value.find(':') {
+            Some(i) => value.split_at(i),
+            None => (value.as_str(), ""),
+        }
+    };
+    let port_ok = match port.strip_prefix(':') {
+        None => port.is_empty(),
+        Some(p) => !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()),
+    };
+    port_ok && matches!(name, "localhost" | "127.0.0.1" | "[::1]")
 }
 
 fn same_origin(headers: &HeaderMap) -> bool {
@@ -295,5 +343,41 @@ impl IntoResponse for PageError {
             "the dashboard could not load this page; see its log\n",
         )
             .into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_loopback_host;
+
+    #[test]
+    fn loopback_hosts_are_the_three_names_with_any_port() {
+        for ok in [
+            "localhost",
+            "LocalHost:8080",
+            "127.0.0.1",
+            "127.0.0.1:1",
+            "[::1]",
+            "[::1]:65535",
+        ] {
+            assert!(is_loopback_host(ok), "{ok} refused");
+        }
+        for bad in [
+            "",
+            "evil.example",
+            "evil.example:8080",
+            "localhost.evil.example",
+            "127.0.0.1.nip.io:8080",
+            "localhost:",
+            "localhost:80:80",
+            "localhost:http",
+            "[::1]x",
+            "[::1",
+            "127.0.0.2:8080",
+            "0.0.0.0:8080",
+            "user@localhost",
+        ] {
+            assert!(!is_loopback_host(bad), "{bad} accepted");
+        }
     }
 }

@@ -44,6 +44,30 @@ fn layout(title: &str, refresh: bool, body: Markup) -> Markup {
     }
 }
 
+/// `/tasks?key=value&…`, every key and value percent-encoded. Every link to the task list
+/// is built here; a workspace is always named by its id, never its slug.
+fn tasks_href(params: &[(&str, &str)]) -> String {
+    let query: Vec<String> = params
+        .iter()
+        .map(|(k, v)| format!("{}={}", data::encode(k), data::encode(v)))
+        .collect();
+    if query.is_empty() {
+        "/tasks".into()
+    } else {
+        format!("/tasks?{}", query.join("&"))
+    }
+}
+
+/// `/tasks/<id>` followed by `parts` (e.g. `retry`), each path segment percent-encoded.
+fn task_href(id: Uuid, parts: &[&str]) -> String {
+    let mut href = format!("/tasks/{}", data::encode(&id.to_string()));
+    for p in parts {
+        href.push('/');
+        href.push_str(&data::encode(p));
+    }
+    href
+}
+
 fn ts(t: Option<DateTime<Utc>>) -> String {
     t.map_or("-".into(), |t| {
         t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
@@ -146,7 +170,7 @@ fn providers_panel(providers: &[data::ProviderPanel]) -> Markup {
                         }
                         td {
                             @if p.waiting > 0 {
-                                a href="/tasks?status=pending" { (p.waiting) }
+                                a href=(tasks_href(&[("status", "pending")])) { (p.waiting) }
                             } @else { "0" }
                         }
                     }
@@ -173,7 +197,7 @@ pub async fn overview(State(app): State<Shared>) -> Result<Markup, PageError> {
         html! {
             section class="cards" {
                 @for (status, n, estimated) in &o.by_status {
-                    a class="card" href={ "/tasks?status=" (status.as_str()) } {
+                    a class="card" href=(tasks_href(&[("status", status.as_str())])) {
                         @if *estimated {
                             div class="n" title="estimated from the planner's statistics" { "~" (n) }
                         } @else {
@@ -230,11 +254,12 @@ pub async fn workspaces(State(app): State<Shared>) -> Result<Markup, PageError> 
                     th { "balance" } th { "reserved" } th { "used this month" } th { "monthly limit" }
                 }
                 @for w in &rows {
-                    tr {
-                        td { a href={ "/tasks?workspace=" (w.slug) } { (w.slug) }
+                    @let ws = w.id.to_string();
+                    tr data-workspace=(ws) {
+                        td { a class="workspace" href=(tasks_href(&[("workspace", &ws)])) { (w.slug) }
                              @if let Some(s) = &w.subscription_status { @if s != "active" { " " span class="muted" { "(" (s) ")" } } } }
                         td { (w.plan) }
-                        td { a href={ "/tasks?workspace=" (w.slug) "&status=queued" } { (w.backlog) } }
+                        td { a href=(tasks_href(&[("workspace", &ws), ("status", "queued")])) { (w.backlog) } }
                         td { (w.in_flight) }
                         td { (w.waiting_credits) } td { (w.waiting_provider) } td { (w.waiting_dependencies) } td { (w.waiting_schedule) }
                         td { (w.escalated) }
@@ -338,8 +363,8 @@ pub async fn tasks(
                 tr { th { "task" } th { "workspace" } th { "type" } th { "status" } th { "pri" } th { "att" } th { "created" } th { "note" } }
                 @for t in &rows {
                     tr {
-                        td { a href={ "/tasks/" (t.id) } { (t.name) } br; code class="id" { (t.id) } }
-                        td { (t.slug) } td { (t.task_type) } td { (status_badge(t.status)) }
+                        td { a href=(task_href(t.id, &[])) { (t.name) } br; code class="id" { (t.id) } }
+                        td { a href=(tasks_href(&[("workspace", &t.workspace_id.to_string())])) { (t.slug) } } td { (t.task_type) } td { (status_badge(t.status)) }
                         td { (t.priority) } td { (t.attempt) } td { (ts(Some(t.created_at))) }
                         td { (opt(t.note.as_deref())) }
                     }
@@ -361,7 +386,7 @@ fn links(items: &[data::Link]) -> Markup {
         @if items.is_empty() { p { "none" } } @else {
             ul {
                 @for (id, name, status) in items {
-                    li { a href={ "/tasks/" (id) } { (name) } " " (status_badge(*status)) " " code class="id" { (id) } }
+                    li { a href=(task_href(*id, &[])) { (name) } " " (status_badge(*status)) " " code class="id" { (id) } }
                 }
             }
         }
@@ -374,7 +399,7 @@ fn action_button(app: &App, id: Uuid, action: Action) -> Markup {
         Action::Cancel => "Cancel",
     };
     html! {
-        form class="inline" method="post" action={ "/tasks/" (id) "/" (action.as_str()) } {
+        form class="inline" method="post" action=(task_href(id, &[action.as_str()])) {
             input type="hidden" name="csrf" value=(app.csrf);
             button type="submit" id={ (action.as_str()) "-button" } { (label) }
         }
@@ -405,7 +430,7 @@ pub async fn task(
             div {
             table class="facts" {
                 tr { th { "id" } td { code { (t.id) } } }
-                tr { th { "workspace" } td { a href={ "/tasks?workspace=" (t.slug) } { (t.slug) } " " code class="id" { (t.workspace_id) } } }
+                tr { th { "workspace" } td { a href=(tasks_href(&[("workspace", &t.workspace_id.to_string())])) { (t.slug) } " " code class="id" { (t.workspace_id) } } }
                 tr { th { "type" } td { (t.task_type) } }
                 tr { th { "status" } td { span id="status" { (t.status.as_str()) } @if let Some(w) = &t.wait_reason { " (" (w) ")" } } }
                 tr { th { "priority" } td { (t.priority) } }
