@@ -2,7 +2,7 @@
 -- Do not edit: add a migration, then run scripts/schema-dump.sh and commit both.
 -- tests/tests/schema_current.rs fails when this file is not what the migrations produce.
 --
--- Latest migration: 0013 workers
+-- Latest migration: 0017 privileges allow list
 --
 -- This is the live definition of every table, column, constraint, index, function (full body),
 -- trigger, policy, grant (column grants included), view and default privilege: read a
@@ -216,6 +216,148 @@ BEGIN
     ON CONFLICT (singleton) DO NOTHING;
   END IF;
   RETURN session_key;
+END;
+$$;
+
+--
+-- Name: bizq_enforce_privileges(); Type: FUNCTION; Schema: public; Owner: -
+--
+
+CREATE FUNCTION public.bizq_enforce_privileges() RETURNS TABLE(role_name text, object_type text, object_name text, column_name text, privilege text)
+    LANGUAGE plpgsql
+    SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+    AS $$
+#variable_conflict use_column
+DECLARE
+  r record;
+  left_over text;
+BEGIN
+  -- One enforcement at a time (several `bizq migrate` may run at once; two REVOKEs of the
+  -- same object would collide). Released at the end of the caller's transaction.
+  PERFORM pg_advisory_xact_lock(hashtext('bizq_enforce_privileges'));
+  SELECT string_agg(format('trigger %s on %s runs %s, owned by %s', u.trigger_name,
+                           u.table_name, u.function_name, u.function_owner), '; ')
+    INTO left_over
+    FROM bizq_untrusted_triggers() u;
+  IF left_over IS NOT NULL THEN
+    RAISE EXCEPTION 'refusing to go on: %', left_over
+      USING ERRCODE = 'insufficient_privilege',
+            HINT = 'Such a trigger runs its owner''s code with the rights of whoever writes the '
+                   'table (the engine). Drop it (DROP TRIGGER ... ON ...) after finding out who '
+                   'created it, or give the function to the table''s owner if it is yours.';
+  END IF;
+
+  FOR r IN
+    WITH roles AS (
+      SELECT 0::oid AS oid, 'PUBLIC'::text AS rolname
+      UNION ALL
+      SELECT g.oid, g.rolname::text FROM pg_roles g WHERE g.rolname IN ('anon', 'authenticated')
+    ),
+    allowed AS (
+      SELECT g.grantee, g.object_type, g.privilege, g.columns,
+             CASE g.object_type
+               WHEN 'function' THEN to_regprocedure('public.' || g.object_name)::oid
+               WHEN 'schema' THEN 'public'::regnamespace::oid
+               ELSE to_regclass(format('public.%I', g.object_name))::oid
+             END AS oid
+        FROM bizq_tenant_grants g
+    ),
+    entries AS (
+      SELECT CASE WHEN c.relkind = 'S' THEN 'sequence' ELSE 'table' END AS object_type,
+             c.oid, c.oid::regclass::text AS target, c.relname::text AS name,
+             NULL::text AS col, x.grantee, x.privilege_type AS priv
+        FROM pg_class c
+       CROSS JOIN LATERAL aclexplode(c.relacl) x
+       WHERE c.relnamespace = 'public'::regnamespace
+         AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
+      UNION ALL
+      SELECT 'table', c.oid, c.oid::regclass::text, c.relname::text, a.attname::text,
+             x.grantee, x.privilege_type
+        FROM pg_class c
+        JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+       CROSS JOIN LATERAL aclexplode(a.attacl) x
+       WHERE c.relnamespace = 'public'::regnamespace
+         AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
+      UNION ALL
+      -- A NULL proacl means the default: EXECUTE for PUBLIC. Extension functions keep
+      -- PUBLIC's (the extension's business), not grants to the two roles.
+      SELECT 'function', f.oid, f.oid::regprocedure::text, f.oid::regprocedure::text, NULL,
+             x.grantee, x.privilege_type
+        FROM pg_proc f
+       CROSS JOIN LATERAL aclexplode(coalesce(f.proacl, acldefault('f', f.proowner))) x
+       WHERE f.pronamespace = 'public'::regnamespace
+         AND NOT (x.grantee = 0
+                  AND EXISTS (SELECT 1 FROM pg_depend d
+                               WHERE d.classid = 'pg_proc'::regclass AND d.objid = f.oid
+                                 AND d.deptype = 'e'))
+      UNION ALL
+      -- Types: only explicit grants to the two roles (PUBLIC's default USAGE stays).
+      SELECT 'type', t.oid, t.oid::regtype::text, t.oid::regtype::text, NULL, x.grantee,
+             x.privilege_type
+        FROM pg_type t
+       CROSS JOIN LATERAL aclexplode(t.typacl) x
+       WHERE t.typnamespace = 'public'::regnamespace
+         AND t.typcategory <> 'A'
+         AND x.grantee <> 0
+      UNION ALL
+      -- The schema: CREATE for nobody; PUBLIC's USAGE stays.
+      SELECT 'schema', n.oid, 'public', 'public', NULL, x.grantee, x.privilege_type
+        FROM pg_namespace n
+       CROSS JOIN LATERAL aclexplode(coalesce(n.nspacl, acldefault('n', n.nspowner))) x
+       WHERE n.nspname = 'public'
+         AND NOT (x.grantee = 0 AND x.privilege_type = 'USAGE')
+    )
+    SELECT e.object_type, e.target, e.name, e.col, e.priv, ro.rolname,
+           CASE WHEN ro.oid = 0 THEN 'PUBLIC' ELSE quote_ident(ro.rolname) END AS grantee_sql
+      FROM entries e
+      JOIN roles ro ON ro.oid = e.grantee
+     WHERE NOT EXISTS (
+             SELECT 1
+               FROM allowed a
+              WHERE a.grantee = ro.rolname
+                AND a.object_type = e.object_type
+                AND a.oid = e.oid
+                AND a.privilege = e.priv
+                AND ((e.col IS NULL AND a.columns IS NULL)
+                     OR (e.col IS NOT NULL AND (a.columns IS NULL OR e.col = ANY (a.columns)))))
+     ORDER BY 1, 2, 4, 5, 6
+  LOOP
+    CASE r.object_type
+      WHEN 'table' THEN
+        IF r.col IS NULL THEN
+          EXECUTE format('REVOKE %s ON TABLE %s FROM %s', r.priv, r.target, r.grantee_sql);
+        ELSE
+          EXECUTE format('REVOKE %s (%I) ON TABLE %s FROM %s', r.priv, r.col, r.target,
+                         r.grantee_sql);
+        END IF;
+      WHEN 'sequence' THEN
+        EXECUTE format('REVOKE %s ON SEQUENCE %s FROM %s', r.priv, r.target, r.grantee_sql);
+      WHEN 'function' THEN
+        EXECUTE format('REVOKE %s ON ROUTINE %s FROM %s', r.priv, r.target, r.grantee_sql);
+      WHEN 'type' THEN
+        EXECUTE format('REVOKE %s ON TYPE %s FROM %s', r.priv, r.target, r.grantee_sql);
+      WHEN 'schema' THEN
+        EXECUTE format('REVOKE %s ON SCHEMA public FROM %s', r.priv, r.grantee_sql);
+    END CASE;
+    role_name := r.rolname;
+    object_type := r.object_type;
+    object_name := r.name;
+    column_name := r.col;
+    privilege := r.priv;
+    RETURN NEXT;
+  END LOOP;
+
+  SELECT string_agg(format('%s %s on %s %s%s', b.role_name, b.privilege, b.object_type,
+                           b.object_name, coalesce(' (' || b.column_name || ')', '')), '; ')
+    INTO left_over
+    FROM bizq_privileges_beyond_allow_list() b;
+  IF left_over IS NOT NULL THEN
+    RAISE EXCEPTION 'tenant roles still hold privileges beyond bizq_tenant_grants: %', left_over
+      USING ERRCODE = 'insufficient_privilege',
+            HINT = 'A grant made by another grantor can only be revoked by it (or a superuser '
+                   'acting as the owner); revoke it, or add a row to bizq_tenant_grants if '
+                   'tenants need it.';
+  END IF;
 END;
 $$;
 
@@ -439,6 +581,86 @@ BEGIN
   END IF;
   RETURN inner_doc -> 'credentials';
 END;
+$$;
+
+--
+-- Name: bizq_privileges_beyond_allow_list(); Type: FUNCTION; Schema: public; Owner: -
+--
+
+CREATE FUNCTION public.bizq_privileges_beyond_allow_list() RETURNS TABLE(role_name text, object_type text, object_name text, column_name text, privilege text)
+    LANGUAGE sql STABLE
+    SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+    AS $$
+  WITH roles AS (
+    SELECT r.oid, r.rolname::text AS rolname
+      FROM pg_roles r
+     WHERE r.rolname IN ('anon', 'authenticated')
+  ),
+  allowed AS (
+    SELECT g.grantee, g.object_type, g.privilege, g.columns,
+           CASE g.object_type
+             WHEN 'function' THEN to_regprocedure('public.' || g.object_name)::oid
+             WHEN 'schema' THEN 'public'::regnamespace::oid
+             ELSE to_regclass(format('public.%I', g.object_name))::oid
+           END AS oid
+      FROM bizq_tenant_grants g
+  ),
+  held AS (
+    SELECT r.rolname, 'table'::text AS object_type, c.oid, c.relname::text AS name,
+           NULL::text AS col, p.priv
+      FROM roles r
+     CROSS JOIN pg_class c
+     CROSS JOIN unnest(ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE', 'TRUNCATE', 'REFERENCES',
+                             'TRIGGER']) AS p(priv)
+     WHERE c.relnamespace = 'public'::regnamespace
+       AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
+       AND has_table_privilege(r.oid, c.oid, p.priv)
+    UNION ALL
+    SELECT r.rolname, 'table', c.oid, c.relname::text, a.attname::text, p.priv
+      FROM roles r
+     CROSS JOIN pg_class c
+      JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+     CROSS JOIN unnest(ARRAY['SELECT', 'INSERT', 'UPDATE', 'REFERENCES']) AS p(priv)
+     WHERE c.relnamespace = 'public'::regnamespace
+       AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
+       AND has_column_privilege(r.oid, c.oid, a.attnum, p.priv)
+       AND NOT has_table_privilege(r.oid, c.oid, p.priv)
+    UNION ALL
+    SELECT r.rolname, 'sequence', c.oid, c.relname::text, NULL, p.priv
+      FROM roles r
+     CROSS JOIN pg_class c
+     CROSS JOIN unnest(ARRAY['USAGE', 'SELECT', 'UPDATE']) AS p(priv)
+     WHERE c.relnamespace = 'public'::regnamespace
+       AND c.relkind = 'S'
+       AND has_sequence_privilege(r.oid, c.oid, p.priv)
+    UNION ALL
+    SELECT r.rolname, 'function', f.oid, f.oid::regprocedure::text, NULL, 'EXECUTE'
+      FROM roles r
+     CROSS JOIN pg_proc f
+     WHERE f.pronamespace = 'public'::regnamespace
+       AND has_function_privilege(r.oid, f.oid, 'EXECUTE')
+       AND (NOT EXISTS (SELECT 1 FROM pg_depend d
+                         WHERE d.classid = 'pg_proc'::regclass AND d.objid = f.oid
+                           AND d.deptype = 'e')
+            OR EXISTS (SELECT 1 FROM aclexplode(f.proacl) x
+                        WHERE x.grantee = r.oid AND x.privilege_type = 'EXECUTE'))
+    UNION ALL
+    SELECT r.rolname, 'schema', 'public'::regnamespace::oid, 'public', NULL, p.priv
+      FROM roles r
+     CROSS JOIN unnest(ARRAY['USAGE', 'CREATE']) AS p(priv)
+     WHERE has_schema_privilege(r.oid, 'public', p.priv)
+  )
+  SELECT h.rolname, h.object_type, h.name, h.col, h.priv
+    FROM held h
+   WHERE NOT EXISTS (
+           SELECT 1
+             FROM allowed a
+            WHERE a.grantee = h.rolname
+              AND a.object_type = h.object_type
+              AND a.oid = h.oid
+              AND a.privilege = h.priv
+              AND (a.columns IS NULL OR h.col = ANY (a.columns)))
+   ORDER BY 1, 2, 3, 4, 5
 $$;
 
 --
@@ -811,6 +1033,30 @@ BEGIN
       USING ERRCODE = 'invalid_parameter_value';
   END IF;
 END;
+$$;
+
+--
+-- Name: bizq_untrusted_triggers(); Type: FUNCTION; Schema: public; Owner: -
+--
+
+CREATE FUNCTION public.bizq_untrusted_triggers() RETURNS TABLE(table_name text, trigger_name text, function_name text, function_owner text)
+    LANGUAGE sql STABLE
+    SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+    AS $$
+  SELECT c.oid::regclass::text,
+         t.tgname::text,
+         p.oid::regprocedure::text,
+         pg_get_userbyid(p.proowner)::text
+    FROM pg_trigger t
+    JOIN pg_class c ON c.oid = t.tgrelid
+    JOIN pg_proc p ON p.oid = t.tgfoid
+    JOIN pg_namespace fn ON fn.oid = p.pronamespace
+    JOIN pg_roles o ON o.oid = p.proowner
+   WHERE c.relnamespace = 'public'::regnamespace
+     AND NOT t.tgisinternal
+     AND (fn.nspname LIKE 'pg\_temp\_%'
+          OR (p.proowner <> c.relowner AND NOT o.rolsuper))
+   ORDER BY 1, 2
 $$;
 
 --
@@ -1465,6 +1711,24 @@ CREATE TABLE public.bizq_limits (
 );
 
 --
+-- Name: bizq_tenant_grants; Type: TABLE; Schema: public; Owner: -
+--
+
+CREATE TABLE public.bizq_tenant_grants (
+    grantee text NOT NULL,
+    object_type text NOT NULL,
+    object_name text NOT NULL,
+    privilege text NOT NULL,
+    columns text[],
+    source text DEFAULT 'operator'::text NOT NULL,
+    reason text NOT NULL,
+    CONSTRAINT bizq_tenant_grants_columns CHECK (((columns IS NULL) OR ((object_type = 'table'::text) AND (privilege = ANY (ARRAY['SELECT'::text, 'INSERT'::text, 'UPDATE'::text])) AND (cardinality(columns) > 0)))),
+    CONSTRAINT bizq_tenant_grants_grantee CHECK ((grantee = ANY (ARRAY['anon'::text, 'authenticated'::text]))),
+    CONSTRAINT bizq_tenant_grants_object_type CHECK ((object_type = ANY (ARRAY['schema'::text, 'table'::text, 'sequence'::text, 'function'::text]))),
+    CONSTRAINT bizq_tenant_grants_privilege CHECK ((((object_type = 'schema'::text) AND (object_name = 'public'::text) AND (privilege = 'USAGE'::text)) OR ((object_type = 'table'::text) AND (privilege = ANY (ARRAY['SELECT'::text, 'INSERT'::text, 'UPDATE'::text, 'DELETE'::text]))) OR ((object_type = 'sequence'::text) AND (privilege = ANY (ARRAY['USAGE'::text, 'SELECT'::text]))) OR ((object_type = 'function'::text) AND (privilege = 'EXECUTE'::text))))
+);
+
+--
 -- Name: content_projects; Type: TABLE; Schema: public; Owner: -
 --
 
@@ -1838,6 +2102,7 @@ CREATE TABLE public.workspaces (
     CONSTRAINT valid_monthly_limit CHECK ((monthly_credit_limit > 0)),
     CONSTRAINT valid_timezone CHECK (public.is_valid_timezone(timezone)),
     CONSTRAINT workspaces_plan_check CHECK ((plan = ANY (ARRAY['starter'::text, 'growth'::text, 'scale'::text, 'enterprise'::text]))),
+    CONSTRAINT workspaces_slug_not_uuid CHECK ((regexp_replace(lower(slug), 'urn:uuid:|[{}[:space:]-]'::text, ''::text, 'g'::text) !~ '^[0-9a-f]{32}$'::text)),
     CONSTRAINT workspaces_subscription_status_check CHECK ((subscription_status = ANY (ARRAY['active'::text, 'cancelled'::text, 'suspended'::text, 'trial'::text])))
 );
 
@@ -2027,6 +2292,13 @@ ALTER TABLE ONLY public.bizq_credentials_keyring
 
 ALTER TABLE ONLY public.bizq_limits
     ADD CONSTRAINT bizq_limits_pkey PRIMARY KEY (singleton);
+
+--
+-- Name: bizq_tenant_grants bizq_tenant_grants_pkey; Type: CONSTRAINT; Schema: public; Owner: -
+--
+
+ALTER TABLE ONLY public.bizq_tenant_grants
+    ADD CONSTRAINT bizq_tenant_grants_pkey PRIMARY KEY (grantee, object_type, object_name, privilege);
 
 --
 -- Name: content_projects content_projects_pkey; Type: CONSTRAINT; Schema: public; Owner: -
@@ -3537,6 +3809,12 @@ ALTER TABLE public.bizq_credentials_keyring ENABLE ROW LEVEL SECURITY;
 ALTER TABLE public.bizq_limits ENABLE ROW LEVEL SECURITY;
 
 --
+-- Name: bizq_tenant_grants; Type: ROW SECURITY; Schema: public; Owner: -
+--
+
+ALTER TABLE public.bizq_tenant_grants ENABLE ROW LEVEL SECURITY;
+
+--
 -- Name: content_projects content_project_delete; Type: POLICY; Schema: public; Owner: -
 --
 
@@ -3917,6 +4195,12 @@ REVOKE ALL ON FUNCTION public.bizq_credentials_key() FROM PUBLIC;
 GRANT ALL ON FUNCTION public.bizq_credentials_key() TO service_role;
 
 --
+-- Name: FUNCTION bizq_enforce_privileges(); Type: ACL; Schema: public; Owner: -
+--
+
+REVOKE ALL ON FUNCTION public.bizq_enforce_privileges() FROM PUBLIC;
+
+--
 -- Name: FUNCTION bizq_engine_cancel_task(p_task_id uuid, p_reason text); Type: ACL; Schema: public; Owner: -
 --
 
@@ -3942,7 +4226,6 @@ REVOKE ALL ON FUNCTION public.bizq_guard_task_insert() FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION public.bizq_is_privileged_session() FROM PUBLIC;
 GRANT ALL ON FUNCTION public.bizq_is_privileged_session() TO service_role;
-GRANT ALL ON FUNCTION public.bizq_is_privileged_session() TO anon;
 GRANT ALL ON FUNCTION public.bizq_is_privileged_session() TO authenticated;
 
 --
@@ -3988,6 +4271,13 @@ REVOKE ALL ON FUNCTION public.bizq_notify_pending() FROM PUBLIC;
 --
 
 REVOKE ALL ON FUNCTION public.bizq_open_credentials(p_store uuid, p_envelope jsonb, p_key text) FROM PUBLIC;
+
+--
+-- Name: FUNCTION bizq_privileges_beyond_allow_list(); Type: ACL; Schema: public; Owner: -
+--
+
+REVOKE ALL ON FUNCTION public.bizq_privileges_beyond_allow_list() FROM PUBLIC;
+GRANT ALL ON FUNCTION public.bizq_privileges_beyond_allow_list() TO service_role;
 
 --
 -- Name: FUNCTION bizq_protect_customer_metrics(); Type: ACL; Schema: public; Owner: -
@@ -4067,6 +4357,13 @@ REVOKE ALL ON FUNCTION public.bizq_set_credentials_key(p_key text) FROM PUBLIC;
 GRANT ALL ON FUNCTION public.bizq_set_credentials_key(p_key text) TO service_role;
 
 --
+-- Name: FUNCTION bizq_untrusted_triggers(); Type: ACL; Schema: public; Owner: -
+--
+
+REVOKE ALL ON FUNCTION public.bizq_untrusted_triggers() FROM PUBLIC;
+GRANT ALL ON FUNCTION public.bizq_untrusted_triggers() TO service_role;
+
+--
 -- Name: FUNCTION crypt(text, text); Type: ACL; Schema: public; Owner: -
 --
 
@@ -4078,7 +4375,6 @@ REVOKE ALL ON FUNCTION public.crypt(text, text) FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION public.current_user_role() FROM PUBLIC;
 GRANT ALL ON FUNCTION public.current_user_role() TO service_role;
-GRANT ALL ON FUNCTION public.current_user_role() TO anon;
 GRANT ALL ON FUNCTION public.current_user_role() TO authenticated;
 
 --
@@ -4087,7 +4383,6 @@ GRANT ALL ON FUNCTION public.current_user_role() TO authenticated;
 
 REVOKE ALL ON FUNCTION public.current_user_workspace() FROM PUBLIC;
 GRANT ALL ON FUNCTION public.current_user_workspace() TO service_role;
-GRANT ALL ON FUNCTION public.current_user_workspace() TO anon;
 GRANT ALL ON FUNCTION public.current_user_workspace() TO authenticated;
 
 --
@@ -4186,7 +4481,6 @@ REVOKE ALL ON FUNCTION public.hmac(text, text, text) FROM PUBLIC;
 --
 
 REVOKE ALL ON FUNCTION public.is_credentials_envelope(c jsonb) FROM PUBLIC;
-GRANT ALL ON FUNCTION public.is_credentials_envelope(c jsonb) TO anon;
 GRANT ALL ON FUNCTION public.is_credentials_envelope(c jsonb) TO authenticated;
 GRANT ALL ON FUNCTION public.is_credentials_envelope(c jsonb) TO service_role;
 
@@ -4195,7 +4489,6 @@ GRANT ALL ON FUNCTION public.is_credentials_envelope(c jsonb) TO service_role;
 --
 
 REVOKE ALL ON FUNCTION public.is_valid_timezone(tz text) FROM PUBLIC;
-GRANT ALL ON FUNCTION public.is_valid_timezone(tz text) TO anon;
 GRANT ALL ON FUNCTION public.is_valid_timezone(tz text) TO authenticated;
 GRANT ALL ON FUNCTION public.is_valid_timezone(tz text) TO service_role;
 
@@ -4369,7 +4662,6 @@ REVOKE ALL ON FUNCTION public.update_updated_at_column() FROM PUBLIC;
 
 REVOKE ALL ON FUNCTION public.user_can_access_workspace(target_workspace_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION public.user_can_access_workspace(target_workspace_id uuid) TO service_role;
-GRANT ALL ON FUNCTION public.user_can_access_workspace(target_workspace_id uuid) TO anon;
 GRANT ALL ON FUNCTION public.user_can_access_workspace(target_workspace_id uuid) TO authenticated;
 
 --
@@ -4378,7 +4670,6 @@ GRANT ALL ON FUNCTION public.user_can_access_workspace(target_workspace_id uuid)
 
 REVOKE ALL ON FUNCTION public.user_can_write(target_workspace_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION public.user_can_write(target_workspace_id uuid) TO service_role;
-GRANT ALL ON FUNCTION public.user_can_write(target_workspace_id uuid) TO anon;
 GRANT ALL ON FUNCTION public.user_can_write(target_workspace_id uuid) TO authenticated;
 
 --
@@ -4387,7 +4678,6 @@ GRANT ALL ON FUNCTION public.user_can_write(target_workspace_id uuid) TO authent
 
 REVOKE ALL ON FUNCTION public.user_has_role(required_role text) FROM PUBLIC;
 GRANT ALL ON FUNCTION public.user_has_role(required_role text) TO service_role;
-GRANT ALL ON FUNCTION public.user_has_role(required_role text) TO anon;
 GRANT ALL ON FUNCTION public.user_has_role(required_role text) TO authenticated;
 
 --
@@ -4396,7 +4686,6 @@ GRANT ALL ON FUNCTION public.user_has_role(required_role text) TO authenticated;
 
 REVOKE ALL ON FUNCTION public.user_is_workspace_admin(target_workspace_id uuid) FROM PUBLIC;
 GRANT ALL ON FUNCTION public.user_is_workspace_admin(target_workspace_id uuid) TO service_role;
-GRANT ALL ON FUNCTION public.user_is_workspace_admin(target_workspace_id uuid) TO anon;
 GRANT ALL ON FUNCTION public.user_is_workspace_admin(target_workspace_id uuid) TO authenticated;
 
 --
@@ -4423,6 +4712,12 @@ GRANT SELECT,INSERT,UPDATE ON TABLE public.bizq_credentials_keyring TO service_r
 --
 
 GRANT SELECT,UPDATE ON TABLE public.bizq_limits TO service_role;
+
+--
+-- Name: TABLE bizq_tenant_grants; Type: ACL; Schema: public; Owner: -
+--
+
+GRANT SELECT ON TABLE public.bizq_tenant_grants TO service_role;
 
 --
 -- Name: TABLE content_projects; Type: ACL; Schema: public; Owner: -
@@ -4887,3 +5182,56 @@ ALTER ROLE authenticated IN DATABASE :"database" SET statement_timeout TO '30s';
 --
 
 -- bizq_limits: {"singleton": true, "updated_at": "<timestamp>", "max_dependents": 10000, "max_depends_on": 1000, "max_chain_depth": 100, "max_input_bytes": 1048576}
+-- bizq_tenant_grants: {"reason": "0002", "source": "bizq", "columns": null, "grantee": "authenticated", "privilege": "DELETE", "object_name": "analytics_events", "object_type": "table"}
+-- bizq_tenant_grants: {"reason": "0002", "source": "bizq", "columns": null, "grantee": "authenticated", "privilege": "DELETE", "object_name": "content_projects", "object_type": "table"}
+-- bizq_tenant_grants: {"reason": "0002", "source": "bizq", "columns": null, "grantee": "authenticated", "privilege": "DELETE", "object_name": "customers", "object_type": "table"}
+-- bizq_tenant_grants: {"reason": "0002", "source": "bizq", "columns": null, "grantee": "authenticated", "privilege": "DELETE", "object_name": "orders", "object_type": "table"}
+-- bizq_tenant_grants: {"reason": "0002", "source": "bizq", "columns": null, "grantee": "authenticated", "privilege": "DELETE", "object_name": "product_variants", "object_type": "table"}
+-- bizq_tenant_grants: {"reason": "0002", "source": "bizq", "columns": null, "grantee": "authenticated", "privilege": "DELETE", "object_name": "products", "object_type": "table"}
+-- bizq_tenant_grants: {"reason": "0002", "source": "bizq", "columns": null, "grantee": "authenticated", "privilege": "DELETE", "object_name": "stores", "object_type": "table"}
+-- bizq_tenant_grants: {"reason": "0002", "source": "bizq", "columns": null, "grantee": "authenticated", "privilege": "DELETE", "object_name": "tasks", "object_type": "table"}
+-- bizq_tenant_grants: {"reason": "0002", "source": "bizq", "columns": null, "grantee": "authenticated", "privilege": "DELETE", "object_name": "users", "object_type": "table"}
+-- bizq_tenant_grants: {"reason": "0002", "source": "bizq", "columns": null, "grantee": "authenticated", "privilege": "INSERT", "object_name": "analytics_events", "object_type": "table"}
+-- bizq_tenant_grants: {"reason": "0002", "source": "bizq", "columns": null, "grantee": "authenticated", "privilege": "INSERT", "object_name": "content_projects", "object_type": "table"}
+-- bizq_tenant_grants: {"reason": "0002", "source": "bizq", "columns": null, "grantee": "authenticated", "privilege": "INSERT", "object_name": "orders", "object_type": "table"}
+-- bizq_tenant_grants: {"reason": "0002", "source": "bizq", "columns": null, "grantee": "authenticated", "privilege": "INSERT", "object_name": "product_variants", "object_type": "table"}
+-- bizq_tenant_grants: {"reason": "0002", "source": "bizq", "columns": null, "grantee": "authenticated", "privilege": "INSERT", "object_name": "products", "object_type": "table"}
+-- bizq_tenant_grants: {"reason": "0002", "source": "bizq", "columns": null, "grantee": "authenticated", "privilege": "INSERT", "object_name": "stores", "object_type": "table"}
+-- bizq_tenant_grants: {"reason": "0002", "source": "bizq", "columns": null, "grantee": "authenticated", "privilege": "INSERT", "object_name": "users", "object_type": "table"}
+-- bizq_tenant_grants: {"reason": "0002", "source": "bizq", "columns": null, "grantee": "authenticated", "privilege": "SELECT", "object_name": "analytics_events", "object_type": "table"}
+-- bizq_tenant_grants: {"reason": "0002", "source": "bizq", "columns": null, "grantee": "authenticated", "privilege": "SELECT", "object_name": "content_projects", "object_type": "table"}
+-- bizq_tenant_grants: {"reason": "0002", "source": "bizq", "columns": null, "grantee": "authenticated", "privilege": "SELECT", "object_name": "customers", "object_type": "table"}
+-- bizq_tenant_grants: {"reason": "0002", "source": "bizq", "columns": null, "grantee": "authenticated", "privilege": "SELECT", "object_name": "orders", "object_type": "table"}
+-- bizq_tenant_grants: {"reason": "0002", "source": "bizq", "columns": null, "grantee": "authenticated", "privilege": "SELECT", "object_name": "product_variants", "object_type": "table"}
+-- bizq_tenant_grants: {"reason": "0002", "source": "bizq", "columns": null, "grantee": "authenticated", "privilege": "SELECT", "object_name": "products", "object_type": "table"}
+-- bizq_tenant_grants: {"reason": "0002", "source": "bizq", "columns": null, "grantee": "authenticated", "privilege": "SELECT", "object_name": "stores", "object_type": "table"}
+-- bizq_tenant_grants: {"reason": "0002", "source": "bizq", "columns": null, "grantee": "authenticated", "privilege": "SELECT", "object_name": "tasks", "object_type": "table"}
+-- bizq_tenant_grants: {"reason": "0002", "source": "bizq", "columns": null, "grantee": "authenticated", "privilege": "SELECT", "object_name": "users", "object_type": "table"}
+-- bizq_tenant_grants: {"reason": "0002", "source": "bizq", "columns": null, "grantee": "authenticated", "privilege": "UPDATE", "object_name": "analytics_events", "object_type": "table"}
+-- bizq_tenant_grants: {"reason": "0002", "source": "bizq", "columns": null, "grantee": "authenticated", "privilege": "UPDATE", "object_name": "content_projects", "object_type": "table"}
+-- bizq_tenant_grants: {"reason": "0002", "source": "bizq", "columns": null, "grantee": "authenticated", "privilege": "UPDATE", "object_name": "orders", "object_type": "table"}
+-- bizq_tenant_grants: {"reason": "0002", "source": "bizq", "columns": null, "grantee": "authenticated", "privilege": "UPDATE", "object_name": "product_variants", "object_type": "table"}
+-- bizq_tenant_grants: {"reason": "0002", "source": "bizq", "columns": null, "grantee": "authenticated", "privilege": "UPDATE", "object_name": "products", "object_type": "table"}
+-- bizq_tenant_grants: {"reason": "0002", "source": "bizq", "columns": null, "grantee": "authenticated", "privilege": "UPDATE", "object_name": "stores", "object_type": "table"}
+-- bizq_tenant_grants: {"reason": "0002", "source": "bizq", "columns": null, "grantee": "authenticated", "privilege": "UPDATE", "object_name": "users", "object_type": "table"}
+-- bizq_tenant_grants: {"reason": "0005", "source": "bizq", "columns": null, "grantee": "authenticated", "privilege": "SELECT", "object_name": "task_performance", "object_type": "table"}
+-- bizq_tenant_grants: {"reason": "0005", "source": "bizq", "columns": null, "grantee": "authenticated", "privilege": "SELECT", "object_name": "workspace_dashboard", "object_type": "table"}
+-- bizq_tenant_grants: {"reason": "CHECK on stores.credentials", "source": "bizq", "columns": null, "grantee": "authenticated", "privilege": "EXECUTE", "object_name": "is_credentials_envelope(jsonb)", "object_type": "function"}
+-- bizq_tenant_grants: {"reason": "CHECK on workspaces.timezone", "source": "bizq", "columns": null, "grantee": "authenticated", "privilege": "EXECUTE", "object_name": "is_valid_timezone(text)", "object_type": "function"}
+-- bizq_tenant_grants: {"reason": "PostgREST resolves names in public", "source": "bizq", "columns": null, "grantee": "anon", "privilege": "USAGE", "object_name": "public", "object_type": "schema"}
+-- bizq_tenant_grants: {"reason": "PostgREST resolves names in public", "source": "bizq", "columns": null, "grantee": "authenticated", "privilege": "USAGE", "object_name": "public", "object_type": "schema"}
+-- bizq_tenant_grants: {"reason": "RLS helper (0002)", "source": "bizq", "columns": null, "grantee": "authenticated", "privilege": "EXECUTE", "object_name": "bizq_is_privileged_session()", "object_type": "function"}
+-- bizq_tenant_grants: {"reason": "RLS helper (0002)", "source": "bizq", "columns": null, "grantee": "authenticated", "privilege": "EXECUTE", "object_name": "user_can_access_workspace(uuid)", "object_type": "function"}
+-- bizq_tenant_grants: {"reason": "RLS helper (0002)", "source": "bizq", "columns": null, "grantee": "authenticated", "privilege": "EXECUTE", "object_name": "user_can_write(uuid)", "object_type": "function"}
+-- bizq_tenant_grants: {"reason": "RLS helper (0002)", "source": "bizq", "columns": null, "grantee": "authenticated", "privilege": "EXECUTE", "object_name": "user_has_role(text)", "object_type": "function"}
+-- bizq_tenant_grants: {"reason": "RLS helper (0002)", "source": "bizq", "columns": null, "grantee": "authenticated", "privilege": "EXECUTE", "object_name": "user_is_workspace_admin(uuid)", "object_type": "function"}
+-- bizq_tenant_grants: {"reason": "RLS policies", "source": "bizq", "columns": null, "grantee": "authenticated", "privilege": "EXECUTE", "object_name": "current_user_role()", "object_type": "function"}
+-- bizq_tenant_grants: {"reason": "RLS policies", "source": "bizq", "columns": null, "grantee": "authenticated", "privilege": "EXECUTE", "object_name": "current_user_workspace()", "object_type": "function"}
+-- bizq_tenant_grants: {"reason": "a member cancels a task (0009)", "source": "bizq", "columns": null, "grantee": "authenticated", "privilege": "EXECUTE", "object_name": "bizq_cancel_task(uuid,text)", "object_type": "function"}
+-- bizq_tenant_grants: {"reason": "a member retries a task (0009)", "source": "bizq", "columns": null, "grantee": "authenticated", "privilege": "EXECUTE", "object_name": "bizq_retry_task(uuid)", "object_type": "function"}
+-- bizq_tenant_grants: {"reason": "every column but the metrics computed from orders (0009)", "source": "bizq", "columns": ["id", "workspace_id", "email", "first_name", "last_name", "phone", "date_of_birth", "gender", "addresses", "default_address", "last_active_at", "status", "accepts_marketing", "customer_segment", "tags", "support_tickets", "support_satisfaction", "support_notes", "ai_insights", "customer_persona", "predicted_ltv", "churn_risk_score", "external_customer_ids", "created_at", "updated_at"], "grantee": "authenticated", "privilege": "INSERT", "object_name": "customers", "object_type": "table"}
+-- bizq_tenant_grants: {"reason": "every column but the metrics computed from orders (0009)", "source": "bizq", "columns": ["id", "workspace_id", "email", "first_name", "last_name", "phone", "date_of_birth", "gender", "addresses", "default_address", "last_active_at", "status", "accepts_marketing", "customer_segment", "tags", "support_tickets", "support_satisfaction", "support_notes", "ai_insights", "customer_persona", "predicted_ltv", "churn_risk_score", "external_customer_ids", "created_at", "updated_at"], "grantee": "authenticated", "privilege": "UPDATE", "object_name": "customers", "object_type": "table"}
+-- bizq_tenant_grants: {"reason": "members read their workspace (0002)", "source": "bizq", "columns": null, "grantee": "authenticated", "privilege": "SELECT", "object_name": "workspaces", "object_type": "table"}
+-- bizq_tenant_grants: {"reason": "owners and admins edit the settings; billing columns are not grantable (0002)", "source": "bizq", "columns": ["name", "slug", "timezone", "currency", "ai_preferences"], "grantee": "authenticated", "privilege": "UPDATE", "object_name": "workspaces", "object_type": "table"}
+-- bizq_tenant_grants: {"reason": "product columns only; the engine writes the rest (0009)", "source": "bizq", "columns": ["id", "workspace_id", "type", "category", "name", "description", "priority", "input", "worker_type", "ai_model", "ai_provider", "estimated_cost", "created_by", "assigned_to", "parent_task_id", "workflow_id", "depends_on", "blocks", "scheduled_for", "context", "tags", "quality_score", "user_feedback", "max_attempts"], "grantee": "authenticated", "privilege": "INSERT", "object_name": "tasks", "object_type": "table"}
+-- bizq_tenant_grants: {"reason": "what describes a task to people (0009); cancel and retry go through functions", "source": "bizq", "columns": ["name", "description", "priority", "context", "tags", "quality_score", "user_feedback", "assigned_to", "workflow_id", "parent_task_id", "updated_at"], "grantee": "authenticated", "privilege": "UPDATE", "object_name": "tasks", "object_type": "table"}
